@@ -32,7 +32,8 @@ def extract(a: Array, t: Array, x_shape: tuple[int, ...]) -> Array:
 def q_mean_variance(schedule: Schedule, x0: Array, t: Array) -> tuple[Array, Array, Array]:
     """Ho eq. 4: q(x_t|x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I); seed: N(ᾱ_t x_0, β̄_t² I). Returns (mean, variance, log_variance)."""
     mean = extract(schedule.sqrt_alphas_cumprod, t, x0.shape) * x0
-    variance = extract(1.0 - schedule.alphas_cumprod, t, x0.shape)
+    # √(1 − ᾱ_t)² from float64, not 1 − ᾱ_t in float32, which loses β_1 ≈ 1e-4 to cancellation.
+    variance = extract(schedule.sqrt_one_minus_alphas_cumprod**2, t, x0.shape)
     log_variance = extract(schedule.log_one_minus_alphas_cumprod, t, x0.shape)
     return mean, variance, log_variance
 
@@ -138,7 +139,8 @@ def predict_x0_eps(schedule: Schedule, x_t: Array, t: Array, output: Array, mean
 
 def _fixed_large(schedule, x_t, t, var_output, gamma):
     """Ho §3.2: σ_t² = β_t. At t = 1 we use β̃_2 as in Ho's and N&D's code, for a better decoder NLL."""
-    log_var = jnp.concatenate([schedule.posterior_log_variance_clipped[1:2], schedule.log_betas[1:]])
+    # posterior_log_variance_clipped[0] is log β̃_2 (log β_1 on a 1-step chain, which has no β̃_2).
+    log_var = jnp.concatenate([schedule.posterior_log_variance_clipped[:1], schedule.log_betas[1:]])
     return extract(log_var, t, x_t.shape)
 
 
@@ -164,13 +166,11 @@ def analytic_variance_bounds(schedule: Schedule) -> tuple[Array, Array]:
     """Analytic-DPM Thm. 2 with λ_t² = β̃_t and data in [−1, 1]: lower λ², upper λ² + c_t²·((b−a)/2)²,
 
     where c_t = √ᾱ_{t−1} − √(1 − ᾱ_{t−1} − λ_t²)·√(ᾱ_t/(1 − ᾱ_t)) is the x_0 coefficient of the mean.
-    Returns ([K], [K]).
+    With λ_t² = β̃_t this is c_t = √ᾱ_{t−1} β_t/(1 − ᾱ_t) = posterior_mean_coef1, which we use: the
+    difference form loses most digits to float32 cancellation at small t. Returns ([K], [K]).
     """
     lam2 = schedule.posterior_variance
-    c = jnp.sqrt(schedule.alphas_cumprod_prev) - jnp.sqrt(
-        jnp.maximum(1.0 - schedule.alphas_cumprod_prev - lam2, 0.0)
-    ) * jnp.sqrt(schedule.alphas_cumprod / (1.0 - schedule.alphas_cumprod))
-    return lam2, lam2 + c**2
+    return lam2, lam2 + schedule.posterior_mean_coef1**2
 
 
 def analytic_variance(schedule: Schedule, gamma: Array) -> Array:
@@ -182,10 +182,10 @@ def analytic_variance(schedule: Schedule, gamma: Array) -> Array:
     Thm. 2 bounds for data in [−1, 1].
     """
     lam2 = schedule.posterior_variance
-    gap = jnp.sqrt((1.0 - schedule.alphas_cumprod) / schedule.alphas) - jnp.sqrt(
-        jnp.maximum(1.0 - schedule.alphas_cumprod_prev - lam2, 0.0)
-    )
-    sigma2 = lam2 + gap**2 * (1.0 - jnp.clip(gamma, 0.0, 1.0))
+    # With λ_t² = β̃_t, √(1 − ᾱ_{t−1} − λ_t²) = (1 − ᾱ_{t−1})√(α_t/(1 − ᾱ_t)), so the gap is
+    # β_t/√(α_t(1 − ᾱ_t)): the same number without float32 cancellation at small t.
+    gap2 = schedule.betas**2 / (schedule.alphas * schedule.sqrt_one_minus_alphas_cumprod**2)
+    sigma2 = lam2 + gap2 * (1.0 - jnp.clip(gamma, 0.0, 1.0))
     lower, upper = analytic_variance_bounds(schedule)
     return jnp.clip(sigma2, lower, upper)
 

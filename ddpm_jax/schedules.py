@@ -18,9 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# When ᾱ_T = 0 (zero terminal SNR), 1/√ᾱ_T is infinite; like diffusers we put
-# ᾱ_T = 2⁻²⁴ in the derived arrays so ε→x₀ stays finite in float32.
-ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+# When ᾱ_T = 0 (zero terminal SNR), 1/√ᾱ_T and 1/√α_T are infinite; like
+# diffusers we replace the zero by a tiny value so ε→x₀ stays finite in float32.
+# The floor is put on α_T (ᾱ_T := 2⁻²⁴ ᾱ_{T−1}), not on ᾱ_T itself: a fixed ᾱ
+# floor exceeds ᾱ_{T−1} for common chains (linear T = 1000 rescaled has
+# ᾱ_{T−1} ≈ 4e-9), which would give α_T > 1 and break α = 1 − β, ᾱ = ∏α.
+ZERO_SNR_ALPHA = 2.0**-24
 
 
 @flax.struct.dataclass
@@ -65,8 +68,13 @@ def linear_betas(num_timesteps: int, beta_start: float | None = None, beta_end: 
     """
     scale = 1000.0 / num_timesteps
     start = 1e-4 * scale if beta_start is None else beta_start
-    end = 0.02 * scale if beta_end is None else beta_end
     _check_beta_range("beta_start", start)
+    end = 0.02 * scale if beta_end is None else beta_end
+    if beta_end is None and end >= 1.0:
+        raise ValueError(
+            f"num_timesteps must be > 20 for the default linear schedule (β_end = 0.02·1000/T must stay "
+            f"below 1), got {num_timesteps}; pass beta_end explicitly"
+        )
     _check_beta_range("beta_end", end)
     return np.linspace(start, end, num_timesteps, dtype=np.float64)
 
@@ -149,11 +157,12 @@ def schedule_from_alphas_cumprod(alphas_cumprod: np.ndarray, timesteps: np.ndarr
 
     β_t = 1 − ᾱ_t/ᾱ_{t−1}: this is how a respaced sub-chain gets its own β's.
     """
-    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    ac = np.array(alphas_cumprod, dtype=np.float64)
     ac_prev = np.concatenate([[1.0], ac[:-1]])
-    betas = 1.0 - ac / ac_prev
-    ac = np.maximum(ac, ZERO_SNR_ALPHA_CUMPROD)  # finite at zero terminal SNR
+    if ac[-1] == 0.0:  # zero terminal SNR, see ZERO_SNR_ALPHA
+        ac[-1] = ZERO_SNR_ALPHA * ac_prev[-1]
     alphas = ac / ac_prev
+    betas = 1.0 - alphas
     one_minus_ac = 1.0 - ac
     posterior_variance = betas * (1.0 - ac_prev) / one_minus_ac
     # β̃_1 = 0: the log is clipped to β̃_2 (improved-diffusion), which only the
@@ -188,6 +197,8 @@ def schedule_from_betas(betas: np.ndarray, *, zero_terminal_snr: bool = False) -
         betas = rescale_zero_terminal_snr(betas)
         validate_betas(betas, allow_terminal_one=True)
     alphas_cumprod = np.cumprod(1.0 - betas)
+    if np.any(alphas_cumprod[:-1] <= 0.0):
+        raise ValueError("betas drive ᾱ_t = ∏(1 − β_s) to 0 before the last step (float64 underflow); use fewer or smaller betas")
     return schedule_from_alphas_cumprod(alphas_cumprod, np.arange(len(betas)))
 
 
@@ -220,7 +231,7 @@ def space_timesteps(num_timesteps: int, num_steps: int, kind: str = "even") -> n
     """K increasing zero-based steps of a T-step chain, always including t = 0 (the paper's t = 1).
 
     'even': round(linspace(0, T−1, K)), which also keeps the last step T−1.
-    'quad': DDIM's quadratic spacing, round(linspace(0, √(0.8T), K)²).
+    'quad': DDIM's quadratic spacing, ⌊linspace(0, √(0.8T), K)²⌋, made strictly increasing.
     """
     if kind not in SPACINGS:
         raise ValueError(f"spacing kind must be one of {SPACINGS}, got {kind!r}")
@@ -229,7 +240,9 @@ def space_timesteps(num_timesteps: int, num_steps: int, kind: str = "even") -> n
     if kind == "even":
         steps = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
     else:
-        steps = np.round(np.linspace(0.0, math.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
+        # Truncated like DDIM's code (int(s) for s in linspace(0, √(0.8T), K)²).
+        steps = np.floor(np.linspace(0.0, math.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
+        steps = np.minimum(steps, num_timesteps - 1)  # round(0.8·T) = T when T = 2
         steps = _make_strictly_increasing(steps, num_timesteps)
     return steps
 
@@ -260,7 +273,9 @@ def respace(schedule: Schedule, steps: Sequence[int]) -> Schedule:
     (Nichol & Dhariwal 2021, §4), so q(x_{s_i}|x_0) is unchanged.
     """
     steps = validate_steps(steps, schedule.num_timesteps)
-    # Recompute from float64 ᾱ = ∏(1−β) of the parent, not from its float32 copy.
-    # (β_T = 1 of a zero-terminal-SNR chain gives ᾱ_T = 0 exactly here.)
-    alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))
+    # ᾱ = ∏α in float64 from the parent's per-step float32 values, taking α = 1 − β
+    # where β < ½ (exact for small β) and the stored α where β ≥ ½: 1 − β loses a
+    # small α in float32 (β = 1 − 2.4e-9 rounds to 1), the stored α keeps it.
+    betas = np.asarray(schedule.betas, dtype=np.float64)
+    alphas_cumprod = np.cumprod(np.where(betas < 0.5, 1.0 - betas, np.asarray(schedule.alphas, dtype=np.float64)))
     return schedule_from_alphas_cumprod(alphas_cumprod[steps], np.asarray(schedule.timesteps)[steps])
