@@ -1,0 +1,305 @@
+"""The reverse chain x_T → x_0 under one `lax.scan`: ancestral, respaced and DDIM.
+
+Ancestral sampling is Ho et al. 2020, Algorithm 2, with any σ_t of
+`diffusion.VARIANCES`; a K-step sub-chain is `schedules.respace` (Nichol &
+Dhariwal 2021, §4); DDIM is Song et al. 2021, eq. 12 with σ_t(η) of eq. 16.
+
+Randomness (the key layout is part of the contract, tests rebuild it):
+  init_key, chain_key = jax.random.split(rng)
+  x_T[b]       = N(0, I) drawn from fold_in(init_key, b)
+  z at step i  = N(0, I) drawn from fold_in(fold_in(chain_key, i), b)
+where b is the example's index in the GLOBAL batch and i the step of the
+(sub-)chain. Every example owns its noise, so the samples are the same on one
+device or eight, and ancestral and DDIM paths share the same z.
+
+Compilation: `_run_chunk` is jitted once per static configuration (model
+function, per-device shape, chunk length, variance, mean type, DDIM or not,
+clip_x0, trajectory, mesh). The schedule, Γ, η, the keys, the step indices and
+the bound arguments of a `jax.tree_util.Partial` model are traced, so a new
+schedule of the same length, a new η or new weights reuse the program.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+from jax.tree_util import Partial
+from tqdm.auto import tqdm
+
+from ddpm_jax import diffusion
+from ddpm_jax.schedules import SPACINGS, Schedule, respace, space_timesteps, validate_steps
+
+Array = jax.Array
+AXIS = "batch"  # the one mesh axis: the batch is split over devices, nothing else is
+PROGRESS_UPDATES = 20  # default number of progress-bar chunks when chunk_size is None
+
+
+class _Config(NamedTuple):
+    """What changes the compiled program (static); everything else is traced."""
+
+    example_shape: tuple[int, ...]
+    variance: str
+    mean_type: str
+    ddim: bool
+    clip_x0: bool
+    return_trajectory: bool
+
+
+# --------------------------------------------------------------------------
+# Noise and one reverse step.
+
+
+def example_noise(key: Array, example_ids: Array, example_shape: tuple[int, ...]) -> Array:
+    """N(0, I) of shape [b, *example_shape]; example j draws from fold_in(key, example_ids[j])."""
+    return jax.vmap(lambda b: jax.random.normal(jax.random.fold_in(key, b), example_shape))(example_ids)
+
+
+def _not_last(i: Array) -> Array:
+    # Ho Algorithm 2: z = 0 at t = 1 (our i = 0); the decoder mean is the sample.
+    return (i > 0).astype(jnp.float32)
+
+
+def ancestral_step(schedule: Schedule, output: Array, x_t: Array, i: Array, z: Array, *,
+                   variance: str, mean_type: str, clip_x0: bool, gamma: Array | None) -> Array:
+    """Ho Algorithm 2, line 4: x_{t−1} = μ_θ(x_t, t) + σ_t z, with z = 0 at the last step.
+
+    For ε-prediction μ_θ = (x_t − β_t/√(1 − ᾱ_t) ε_θ)/√α_t (Ho eq. 11). i is the
+    scalar step of `schedule`; x_t, z are [B, ...]; output is the model's.
+    """
+    chex.assert_equal_shape([x_t, z])
+    t = jnp.full(x_t.shape[:1], i, jnp.int32)
+    p = diffusion.p_mean_variance(schedule, output, x_t, t, variance=variance, mean_type=mean_type,
+                                  clip_x0=clip_x0, gamma=gamma)
+    return p["mean"] + _not_last(i) * jnp.exp(0.5 * p["log_variance"]) * z
+
+
+def ddim_variance(schedule: Schedule, eta: Array) -> Array:
+    """Song et al. 2021, eq. 16: σ_t(η)² = η² (1 − ᾱ_{t−1})/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_{t−1}), [K].
+
+    That is η² β̃_t, read from β̃_t, which the schedule computes in float64: 1 − ᾱ_t/ᾱ_{t−1} in
+    float32 would lose three digits for β_t ≈ 1e-4.
+    """
+    return eta**2 * schedule.posterior_variance
+
+
+def ddim_step(schedule: Schedule, output: Array, x_t: Array, i: Array, z: Array, eta: Array, *,
+              mean_type: str, clip_x0: bool) -> Array:
+    """Song et al. 2021, eq. 12: x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂ + σ_t z.
+
+    At the last step ᾱ_{t−1} = 1 and σ = 0, so the sample is x̂_0. With η = 1 on
+    the full chain this is ancestral sampling with σ_t² = β̃_t.
+    """
+    chex.assert_equal_shape([x_t, z])
+    t = jnp.full(x_t.shape[:1], i, jnp.int32)
+    p = diffusion.p_mean_variance(schedule, output, x_t, t, variance="fixed_small", mean_type=mean_type,
+                                  clip_x0=clip_x0)
+    # 1 − ᾱ_{t−1} from the float64-derived √(1 − ᾱ), not from 1 − (ᾱ in float32).
+    one_minus_ac_prev = jnp.concatenate([jnp.zeros(1), schedule.sqrt_one_minus_alphas_cumprod[:-1] ** 2])
+    sigma2 = diffusion.extract(ddim_variance(schedule, eta), t, x_t.shape)
+    x0_coef = diffusion.extract(jnp.sqrt(schedule.alphas_cumprod_prev), t, x_t.shape)
+    eps_coef = jnp.sqrt(jnp.maximum(diffusion.extract(one_minus_ac_prev, t, x_t.shape) - sigma2, 0.0))
+    return x0_coef * p["pred_x0"] + eps_coef * p["pred_eps"] + _not_last(i) * jnp.sqrt(sigma2) * z
+
+
+# --------------------------------------------------------------------------
+# The compiled chain.
+# shard_map over a 1-D mesh rather than pmap or jit-with-shardings: it is one
+# jitted program (it composes with scan and with an outer jit, which the
+# benchmark uses for memory_analysis), each device runs exactly the
+# single-device scan on its slice with no collective the compiler could add,
+# and the global example index (for the noise) is axis_index · local batch + j.
+
+
+def _check_output(output: Array, x: Array, config: _Config) -> None:
+    channels = x.shape[-1] * (2 if config.variance in diffusion.LEARNED_VARIANCES else 1)
+    expected = (*x.shape[:-1], channels)
+    if output.shape != expected:
+        raise ValueError(f"model_fn output must have shape {expected} (per-device batch; 2C channels for a "
+                         f"learned variance) for variance={config.variance!r}, got {output.shape}")
+
+
+def _example_ids(local_batch: int) -> Array:
+    return jax.lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "mesh"))
+def _start(rng: Array, *, shape: tuple[int, ...], mesh: Mesh) -> tuple[Array, Array]:
+    """(x_T ~ N(0, I) [B, ...] sharded over the batch, the key of the chain's noise z)."""
+    init_key, chain_key = jax.random.split(rng)
+    local_batch = shape[0] // mesh.size
+    per_device = lambda key: example_noise(key, _example_ids(local_batch), shape[1:])
+    return jax.shard_map(per_device, mesh=mesh, in_specs=P(), out_specs=P(AXIS))(init_key), chain_key
+
+
+@jax.jit
+def _stack_trajectory(x_T: Array, chunks: list[Array]) -> Array:
+    return jnp.concatenate([x_T[None], *chunks], axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh"))
+def _run_chunk(model_fn: Partial, schedule: Schedule, gamma: Array | None, eta: Array, chain_key: Array,
+               x: Array, step_ids: Array, *, config: _Config, mesh: Mesh) -> tuple[Array, Array | None]:
+    """The steps `step_ids` (descending) of the chain from x [B, ...]; one lax.scan per device.
+
+    Returns (x after the last step, the x after every step [len(step_ids), B, ...] or None).
+    """
+
+    def per_device(model_fn, schedule, gamma, eta, chain_key, x, step_ids):
+        example_ids = _example_ids(x.shape[0])
+
+        def body(x_t, i):
+            output = model_fn(x_t, jnp.full(x_t.shape[:1], schedule.timesteps[i], jnp.int32))
+            _check_output(output, x_t, config)
+            z = example_noise(jax.random.fold_in(chain_key, i), example_ids, config.example_shape)
+            if config.ddim:
+                x_prev = ddim_step(schedule, output, x_t, i, z, eta, mean_type=config.mean_type,
+                                   clip_x0=config.clip_x0)
+            else:
+                x_prev = ancestral_step(schedule, output, x_t, i, z, variance=config.variance,
+                                        mean_type=config.mean_type, clip_x0=config.clip_x0, gamma=gamma)
+            # Scan outputs only on request, so memory does not grow with K otherwise.
+            return x_prev, (x_prev if config.return_trajectory else None)
+
+        return jax.lax.scan(body, x, step_ids)
+
+    out_specs = (P(AXIS), P(None, AXIS) if config.return_trajectory else None)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), P(AXIS), P()),
+                         out_specs=out_specs)(model_fn, schedule, gamma, eta, chain_key, x, step_ids)
+
+
+# --------------------------------------------------------------------------
+# The public sampler: validation on the host, then the compiled chunks.
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
+                gamma, chunk_size, devices) -> None:
+    """One ValueError naming the field and what is allowed, before anything is traced."""
+    T = schedule.num_timesteps if isinstance(schedule, Schedule) else None
+    checks = [
+        (callable(model_fn), "model_fn must be a callable model_fn(x_t, t)"),
+        (T is not None, f"schedule must be a ddpm_jax.schedules.Schedule, got {type(schedule).__name__}"),
+        (isinstance(rng, jax.Array) and (jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ()
+                                         or rng.dtype == jnp.uint32 and rng.shape == (2,)),
+         f"rng must be one PRNG key (jax.random.key(s) or jax.random.PRNGKey(s)), got {rng!r}"),
+        (isinstance(shape, (tuple, list)) and len(shape) >= 2 and all(_is_int(d) and d >= 1 for d in shape),
+         f"shape must be a tuple [B, ...] of at least 2 positive ints, got {shape!r}"),
+        (variance in diffusion.VARIANCES, f"variance must be one of {sorted(diffusion.VARIANCES)}, got {variance!r}"),
+        (mean_type in diffusion.MEAN_TYPES, f"mean_type must be one of {diffusion.MEAN_TYPES}, got {mean_type!r}"),
+        (spacing in SPACINGS, f"spacing must be one of {SPACINGS}, got {spacing!r}"),
+        (num_steps is None or steps is None, "give num_steps or steps, not both"),
+        (num_steps is None or _is_int(num_steps) and T is not None and 1 <= num_steps <= T,
+         f"num_steps must be an int in [1, {T}] (schedule.num_timesteps), got {num_steps!r}"),
+        (eta is None or not isinstance(eta, bool) and isinstance(eta, (int, float, np.floating)) and 0.0 <= eta <= 1.0,
+         f"eta must be None (ancestral sampling) or a float in [0, 1] (DDIM), got {eta!r}"),
+        (eta is None or variance == "fixed_small",
+         f"eta (DDIM) sets σ_t(η) itself and is allowed only with variance='fixed_small' (the default), "
+         f"got variance={variance!r}; drop eta for ancestral sampling with that variance"),
+        ((gamma is not None) == (variance == "analytic"),
+         f"gamma (Γ_t per step of the full chain, shape [{T}]) is required for variance='analytic' and "
+         f"allowed only there; got variance={variance!r}, gamma {'given' if gamma is not None else 'None'}"),
+        (chunk_size is None or _is_int(chunk_size) and chunk_size >= 1,
+         f"chunk_size must be None or an int >= 1, got {chunk_size!r}"),
+        (devices is None or isinstance(devices, (list, tuple)) and len(devices) >= 1
+         and len(set(devices)) == len(devices) and all(d in jax.local_devices() for d in devices),
+         f"devices must be None (all local devices) or a non-empty list of distinct local devices, got {devices!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if gamma is not None and np.shape(gamma) != (T,):
+        raise ValueError(f"gamma must have shape [{T}] (one Γ_t per step of the full chain), got {np.shape(gamma)}")
+    n_devices = len(jax.local_devices() if devices is None else devices)
+    if shape[0] % n_devices:
+        raise ValueError(f"shape[0] (the batch, {shape[0]}) must be divisible by the device count {n_devices}")
+
+
+def _sub_chain(schedule: Schedule, num_steps, spacing, steps) -> np.ndarray:
+    """The kept steps (positions in `schedule`), increasing."""
+    T = schedule.num_timesteps
+    if steps is not None:
+        return validate_steps(steps, T)
+    if num_steps is None or num_steps == T:  # K = T keeps every step, whatever the spacing
+        return np.arange(T)
+    return space_timesteps(T, num_steps, spacing)
+
+
+def sample(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: Array, shape: Sequence[int], *,
+           num_steps: int | None = None, spacing: str = "even", steps: Sequence[int] | None = None,
+           variance: str = "fixed_small", mean_type: str = "eps", eta: float | None = None,
+           clip_x0: bool = False, gamma: Array | None = None, return_trajectory: bool = False,
+           progress: bool = False, chunk_size: int | None = None, devices: Sequence[jax.Device] | None = None):
+    """Samples x_0 ~ p_θ [B, ...] by the reverse chain (Ho Algorithm 2, or DDIM with eta).
+
+    model_fn(x_t, t) -> output: x_t [b, ...] (b = B / devices), t int32 [b], always
+      the ORIGINAL chain's step `schedule.timesteps[i]`; output like x_t (2C last-axis
+      channels for a learned variance). Pass a stable function, or
+      `jax.tree_util.Partial(apply, params)`: then the weights are traced arguments,
+      not constants, and a new `params` does not recompile.
+    num_steps / spacing / steps: run the K-step sub-chain `respace(schedule, steps)`,
+      steps = `space_timesteps(T, num_steps, spacing)` ('even' | 'quad') or given.
+    variance: a name of `diffusion.VARIANCES` (ancestral). gamma [T]: Γ_t for
+      variance='analytic', one per step of the FULL chain; the kept steps are read.
+    eta: None for ancestral sampling; a float in [0, 1] for DDIM (Song et al. 2021,
+      eq. 12, σ_t(η) of eq. 16), allowed only with variance='fixed_small' because η
+      itself sets σ_t. η = 0 is deterministic given x_T.
+    clip_x0: clip x̂_0 to [−1, 1] (and recompute ε̂ from it) at every step.
+    return_trajectory: also return [K + 1, B, ...]: x_T, then x after each step.
+    progress / chunk_size: run the chain as scans of chunk_size steps (the carry
+      passes between them; all full chunks share one compiled program) and show a
+      tqdm bar per chunk. chunk_size defaults to K, or ⌈K/20⌉ with progress.
+    devices: the devices the batch is split over (default: all local devices);
+      the samples do not depend on how many (see the module docstring).
+    Returns x_0 [B, ...], or (x_0, trajectory) with return_trajectory.
+    """
+    _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta, gamma,
+                chunk_size, devices)
+    kept = _sub_chain(schedule, num_steps, spacing, steps)
+    if len(kept) < schedule.num_timesteps:
+        schedule = respace(schedule, kept)
+    gamma = None if gamma is None else jnp.asarray(np.asarray(gamma, np.float32)[kept])
+    num_chain = len(kept)
+    if chunk_size is None:
+        chunk_size = math.ceil(num_chain / PROGRESS_UPDATES) if progress else num_chain
+    chunk_size = min(chunk_size, num_chain)
+
+    shape = tuple(int(d) for d in shape)
+    mesh = Mesh(np.asarray(jax.local_devices() if devices is None else list(devices)), (AXIS,))
+    config = _Config(shape[1:], variance, mean_type, eta is not None, bool(clip_x0), bool(return_trajectory))
+    model_fn = model_fn if isinstance(model_fn, Partial) else Partial(model_fn)
+    eta = np.float32(0.0 if eta is None else eta)
+
+    x_T, chain_key = _start(rng, shape=shape, mesh=mesh)
+    x, trajectory = x_T, []
+    with tqdm(total=num_chain, desc="sampling", unit="step", disable=not progress) as bar:
+        previous = None
+        for top in range(num_chain, 0, -chunk_size):
+            step_ids = np.arange(top - 1, max(top - chunk_size, 0) - 1, -1, dtype=np.int32)
+            x, ys = _run_chunk(model_fn, schedule, gamma, eta, chain_key, x, step_ids, config=config, mesh=mesh)
+            trajectory.append(ys)
+            if progress:
+                # The next chunk is already queued behind this one when we wait for the
+                # previous, so the device never idles on the host's bar update.
+                if previous is not None:
+                    bar.update(_wait(*previous))
+                previous = (x, len(step_ids))
+        if progress:
+            bar.update(_wait(*previous))
+    if return_trajectory:
+        return x, _stack_trajectory(x_T, trajectory)
+    return x
+
+
+def _wait(x: Array, num_steps: int) -> int:
+    x.block_until_ready()
+    return num_steps
