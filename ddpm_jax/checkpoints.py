@@ -1,0 +1,189 @@
+"""Orbax checkpoints of a training run: periodic saves, keep-N, resume, damaged-checkpoint fallback.
+
+Layout under `workdir`:
+  checkpoints/<step>/state       params, Adam state, step, non-finite counters (StandardSave)
+  checkpoints/<step>/ema_params  the EMA weights alone, so samplers read only what they use
+  checkpoints/<step>/meta        JSON: step, the config and the code version (git commit)
+  config.json                    the config and code version of the latest start
+  damaged_checkpoints/<step>     a checkpoint that failed to restore, moved aside (not deleted)
+
+Orbax writes every step into a temporary directory and renames it when the
+save is complete, so a crash mid-save never replaces the last good
+checkpoint; `wait_until_finished()` must run before the process exits.
+Restores try the newest step first and fall back to older ones when a step
+is damaged (a truncated or deleted file): the bad step is named in a warning
+and moved aside, so the next save of that step number does not collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
+ITEMS = ("state", "ema_params", "meta")
+
+
+def code_version() -> str:
+    """The git commit of this package's checkout ('+dirty' with uncommitted changes), else 'unknown'."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def run_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a checkpoint records about how it was made."""
+    return {"config": json.loads(config.to_json_best_effort()), "git_commit": code_version(),
+            "jax_version": jax.__version__}
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """workdir/config.json: the config and code version of this start (process 0 only)."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(run_metadata(config), f, indent=2)
+
+
+def config_from_json(tree: dict) -> ml_collections.ConfigDict:
+    """A config dict read back from JSON, lists turned back into tuples (ch_mult, attn_resolutions)."""
+
+    def tuples(value):
+        if isinstance(value, dict):
+            return {k: tuples(v) for k, v in value.items()}
+        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+    return ml_collections.ConfigDict(tuples(tree))
+
+
+def make_manager(workdir: str, *, max_to_keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    """An async CheckpointManager for workdir/checkpoints keeping the newest `max_to_keep` steps."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+                                           enable_async_checkpointing=not read_only)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "ema_params": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options,
+                                 item_handlers=handlers)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, ema_params: Any, meta: dict[str, Any]) -> None:
+    """Starts an async save of step `step`; every process must call it (Orbax coordinates the hosts).
+
+    state, ema_params: pytrees of jax.Arrays (replicated over the mesh: Orbax writes one copy).
+    """
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        ema_params=ocp.args.StandardSave(ema_params),
+        meta=ocp.args.JsonSave({"step": int(step), **meta}),
+    ), force=True)
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any
+    ema_params: Any
+    meta: dict[str, Any]
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+    step_dir = os.path.join(str(manager.directory), str(step))
+    damaged = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED_DIR)
+    if jax.process_index() == 0 and os.path.isdir(step_dir):
+        os.makedirs(damaged, exist_ok=True)
+        target = os.path.join(damaged, str(step))
+        suffix = 1
+        while os.path.exists(target):
+            target, suffix = os.path.join(damaged, f"{step}.{suffix}"), suffix + 1
+        shutil.move(step_dir, target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"ddpm_jax_move_aside_{step}")
+    manager.reload()
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, abstract_ema: Any, *,
+                   move_damaged: bool = True) -> Restored | None:
+    """The newest checkpoint that restores completely, or None when there is none.
+
+    abstract_*: jax.ShapeDtypeStruct trees (with the shardings to restore into).
+    A step that fails to restore (truncated or missing files, unreadable metadata)
+    is reported with logging.warning naming the step and, with move_damaged, moved
+    to workdir/damaged_checkpoints/; the next older step is tried.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                ema_params=ocp.args.StandardRestore(abstract_ema),
+                meta=ocp.args.JsonRestore(),
+            ))
+        # Orbax and TensorStore raise many types for a damaged file (ValueError,
+        # FileNotFoundError, a bare Exception); any of them means "not this step".
+        except Exception as err:  # pylint: disable=broad-except
+            logging.warning("Checkpoint step %d in %s is damaged and cannot be restored (%s: %s); "
+                            "falling back to the next older checkpoint.", step, manager.directory,
+                            type(err).__name__, str(err).splitlines()[0][:300])
+            if move_damaged:
+                _move_aside(manager, step)
+            continue
+        return Restored(step, restored["state"], restored["ema_params"], dict(restored["meta"]))
+    return None
+
+
+def _single_device_target(metadata_tree: Any) -> Any:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata_tree,
+                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
+
+class EmaParams(NamedTuple):
+    params: Any  # the EMA parameter pytree, on the first local device
+    config: ml_collections.ConfigDict  # the config the checkpoint was trained with
+    step: int
+
+
+def load_item(workdir: str, item: str, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
+    """(item's pytree on the first local device, the meta dict, step) of the newest readable checkpoint or `step`.
+
+    item: 'state' (a dict: step, params, opt_state, counters) or 'ema_params'.
+    Works on any device count. Damaged steps are skipped with a warning but not
+    moved. Raises FileNotFoundError when no checkpoint can be read.
+    """
+    manager = make_manager(workdir, read_only=True)
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    try:
+        for candidate in steps:
+            try:
+                target = _single_device_target(manager.item_metadata(candidate)[item])
+                restored = manager.restore(candidate, args=ocp.args.Composite(
+                    **{item: ocp.args.StandardRestore(target)}, meta=ocp.args.JsonRestore()))
+            except Exception as err:  # pylint: disable=broad-except  (see restore_latest)
+                logging.warning("Checkpoint step %d in %s cannot be read (%s: %s); trying an older one.",
+                                candidate, manager.directory, type(err).__name__, str(err).splitlines()[0][:300])
+                continue
+            return restored[item], dict(restored["meta"]), candidate
+    finally:
+        manager.close()
+    raise FileNotFoundError(f"no readable checkpoint {'' if step is None else f'at step {step} '}under "
+                            f"{os.path.join(workdir, CHECKPOINT_DIR)}")
+
+
+def load_ema_params(workdir: str, step: int | None = None) -> EmaParams:
+    """The EMA weights (and training config) of the newest intact checkpoint, for sampling and evaluation."""
+    params, meta, step = load_item(workdir, "ema_params", step)
+    return EmaParams(params, config_from_json(meta["config"]), step)

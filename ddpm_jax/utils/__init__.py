@@ -1,0 +1,1 @@
+"""Loop-side helpers: metric writers and image grids (no diffusion math here)."""
