@@ -75,7 +75,10 @@ def config_from_json(tree: dict) -> ml_collections.ConfigDict:
 def make_manager(workdir: str, *, max_to_keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
     """An async CheckpointManager for workdir/checkpoints keeping the newest `max_to_keep` steps."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-                                           enable_async_checkpointing=not read_only)
+                                           enable_async_checkpointing=not read_only,
+                                           # a crashed save's <step>.orbax-checkpoint-tmp-* would otherwise
+                                           # confuse keep-N into deleting it instead of checkpoint <step>
+                                           cleanup_tmp_directories=not read_only)
     handlers = {"state": ocp.StandardCheckpointHandler(), "ema_params": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options,
@@ -116,6 +119,36 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
     manager.reload()
 
 
+def _names(path) -> tuple[str, ...]:
+    """A key path as plain names: Orbax metadata has dict keys where the state has namedtuple fields."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_names(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
+
+
+def _first_mismatch(manager: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> str | None:
+    """The first array whose saved shape/dtype differs from the target's, or None.
+
+    None too when the metadata cannot be read: the restore itself, which has the
+    full target, then decides whether the step is damaged.
+    """
+    try:
+        metadata = manager.item_metadata(step)
+        saved = {item: _shapes(metadata[item]) for item in targets}
+    except Exception:  # pylint: disable=broad-except
+        return None
+    for item, target in targets.items():
+        wanted = _shapes(target)
+        for key in sorted(saved[item].keys() | wanted.keys()):
+            if saved[item].get(key) != wanted.get(key):
+                return (f"{item}/{'/'.join(key)} is {saved[item].get(key, 'absent')} in the checkpoint but "
+                        f"{wanted.get(key, 'absent')} for this config")
+    return None
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, abstract_ema: Any, *,
                    move_damaged: bool = True) -> Restored | None:
     """The newest checkpoint that restores completely, or None when there is none.
@@ -123,9 +156,16 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, abstract
     abstract_*: jax.ShapeDtypeStruct trees (with the shardings to restore into).
     A step that fails to restore (truncated or missing files, unreadable metadata)
     is reported with logging.warning naming the step and, with move_damaged, moved
-    to workdir/damaged_checkpoints/; the next older step is tried.
+    to workdir/damaged_checkpoints/; the next older step is tried. A readable
+    checkpoint of other shapes (the config's model changed) is not damage: it
+    raises ValueError naming the first differing array, and nothing is moved.
     """
     for step in sorted(manager.all_steps(), reverse=True):
+        mismatch = _first_mismatch(manager, step, {"state": abstract_state, "ema_params": abstract_ema})
+        if mismatch is not None:
+            raise ValueError(f"checkpoint step {step} in {manager.directory} was written for another model or "
+                             f"optimizer: {mismatch}. Resume with the config it was trained with (a copy is in "
+                             "workdir/config.json and in each checkpoint's meta) or use a new workdir.")
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),

@@ -104,10 +104,10 @@ def _check_data(cfg: ml_collections.ConfigDict) -> None:
 
 def _check_diffusion(cfg: ml_collections.ConfigDict) -> None:
     _choice("diffusion.schedule", cfg.schedule, tuple(schedules.SCHEDULES))
-    _int("diffusion.num_timesteps", cfg.num_timesteps, 1)
+    _int("diffusion.num_timesteps", cfg.num_timesteps, 1, schedules.MAX_TIMESTEPS)
     _bool("diffusion.zero_terminal_snr", cfg.zero_terminal_snr)
     kwargs = dict(cfg.schedule_kwargs)
-    paths = {k: f"diffusion.schedule_kwargs.{k}" for k in kwargs}
+    paths = {k: f"diffusion.schedule_kwargs.{k}" for k in kwargs} | {"num_timesteps": "diffusion.num_timesteps"}
     _delegate("diffusion.schedule_kwargs", paths, lambda: schedules.get_schedule(
         cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr, **kwargs))
     if cfg.variance == "analytic":
@@ -181,6 +181,11 @@ def validate_config(config: ml_collections.ConfigDict, *, process_count: int | N
     _check_diffusion(config.diffusion)
     _check_training(config.training, process_count * local_device_count)
     m = config.model
+    for name in ("ch_mult", "attn_resolutions"):
+        value = m[name]
+        ints = isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ints:
+            _fail(f"model.{name}", "a tuple of ints", value)
     paths = {k: f"model.{k}" for k in FIELDS["model"]} | {"image_size": "data.image_size"}
     _delegate("model", paths, lambda: check_unet_config(
         image_shape(config)[0], m.ch, tuple(m.ch_mult), tuple(m.attn_resolutions), m.num_groups,

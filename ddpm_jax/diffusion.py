@@ -209,7 +209,7 @@ LEARNED_VARIANCES = ("learned", "learned_range")
 
 
 def validate_variance(variance: str, gamma: Array | None = None) -> None:
-    if variance not in VARIANCES:
+    if not isinstance(variance, str) or variance not in VARIANCES:
         raise ValueError(f"variance must be one of {sorted(VARIANCES)}, got {variance!r}")
     if variance == "analytic" and gamma is None:
         raise ValueError("variance='analytic' needs gamma (Γ_t = E||ε_θ||²/d per step, from estimate_gamma)")

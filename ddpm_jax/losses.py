@@ -85,8 +85,10 @@ HYBRID_LAMBDA = 0.001  # N&D §3.1
 
 
 def validate_loss_type(loss_type: str, variance: str) -> None:
-    if loss_type not in LOSS_TYPES:
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not isinstance(variance, str) or variance not in diffusion.VARIANCES:
+        raise ValueError(f"variance must be one of {sorted(diffusion.VARIANCES)}, got {variance!r}")
     learned = variance in diffusion.LEARNED_VARIANCES
     if loss_type != "simple" and not learned:
         raise ValueError(

@@ -37,6 +37,11 @@ _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step for sample/eval (default: the newest intact one).")
 _MULTIHOST = flags.DEFINE_bool("multihost", os.environ.get("DDPM_JAX_MULTIHOST", "0") == "1",
                                "Call jax.distributed.initialize() (one process per host).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "With --multihost: host:port of process 0 (default: auto-detected on TPU VMs, "
+                                   "SLURM, Open MPI, Kubernetes).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --multihost: process count (default: auto).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --multihost: this process's index (default: auto).")
 
 
 def merged_config(trained: ml_collections.ConfigDict,
@@ -107,7 +112,8 @@ def main(argv: list[str]) -> None:
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
     if _MULTIHOST.value:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     logging.info("JAX %s: process %d of %d, %d local devices (%s)", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.devices()[0].platform)
     if _MODE.value == "train":

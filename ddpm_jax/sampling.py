@@ -182,6 +182,11 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _is_name(value, allowed) -> bool:
+    """A str among `allowed` (a list or dict given as a name is refused, not a TypeError)."""
+    return isinstance(value, str) and value in allowed
+
+
 def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
                 gamma, chunk_size, devices) -> None:
     """One ValueError naming the field and what is allowed, before anything is traced."""
@@ -194,9 +199,9 @@ def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, varia
          f"rng must be one PRNG key (jax.random.key(s) or jax.random.PRNGKey(s)), got {rng!r}"),
         (isinstance(shape, (tuple, list)) and len(shape) >= 2 and all(_is_int(d) and d >= 1 for d in shape),
          f"shape must be a tuple [B, ...] of at least 2 positive ints, got {shape!r}"),
-        (variance in diffusion.VARIANCES, f"variance must be one of {sorted(diffusion.VARIANCES)}, got {variance!r}"),
-        (mean_type in diffusion.MEAN_TYPES, f"mean_type must be one of {diffusion.MEAN_TYPES}, got {mean_type!r}"),
-        (spacing in SPACINGS, f"spacing must be one of {SPACINGS}, got {spacing!r}"),
+        (_is_name(variance, diffusion.VARIANCES), f"variance must be one of {sorted(diffusion.VARIANCES)}, got {variance!r}"),
+        (_is_name(mean_type, diffusion.MEAN_TYPES), f"mean_type must be one of {diffusion.MEAN_TYPES}, got {mean_type!r}"),
+        (_is_name(spacing, SPACINGS), f"spacing must be one of {SPACINGS}, got {spacing!r}"),
         (num_steps is None or steps is None, "give num_steps or steps, not both"),
         (num_steps is None or _is_int(num_steps) and T is not None and 1 <= num_steps <= T,
          f"num_steps must be an int in [1, {T}] (schedule.num_timesteps), got {num_steps!r}"),

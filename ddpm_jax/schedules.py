@@ -81,8 +81,8 @@ def linear_betas(num_timesteps: int, beta_start: float | None = None, beta_end: 
 
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
     """Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2), β clipped at max_beta."""
-    if not s >= 0.0:
-        raise ValueError(f"s must be >= 0, got {s}")
+    if not (_is_real(s) and 0.0 <= s < math.inf):
+        raise ValueError(f"s must be a finite number >= 0, got {s!r}")
     _check_beta_range("max_beta", max_beta)
     steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
     f = np.cos((steps + s) / (1.0 + s) * math.pi / 2.0) ** 2
@@ -107,7 +107,10 @@ def sigmoid_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float 
 
 def custom_betas(num_timesteps: int, betas: Sequence[float]) -> np.ndarray:
     """A user-given β array of length T."""
-    betas = np.asarray(betas, dtype=np.float64)
+    try:
+        betas = np.asarray(betas, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be a sequence of {num_timesteps} numbers, got {betas!r}") from None
     if betas.shape != (num_timesteps,):
         raise ValueError(f"betas must have shape ({num_timesteps},) = (num_timesteps,), got {betas.shape}")
     return betas
@@ -136,9 +139,18 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 # Derived quantities and the public constructor.
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def _check_beta_range(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must lie in the open interval (0, 1), got {value}")
+    if not (_is_real(value) and 0.0 < value < 1.0):
+        raise ValueError(f"{name} must be a number in the open interval (0, 1), got {value!r}")
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and low <= value <= high):
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 def validate_betas(betas: np.ndarray, *, allow_terminal_one: bool = False) -> None:
@@ -163,30 +175,36 @@ def schedule_from_alphas_cumprod(alphas_cumprod: np.ndarray, timesteps: np.ndarr
         ac[-1] = ZERO_SNR_ALPHA * ac_prev[-1]
     alphas = ac / ac_prev
     betas = 1.0 - alphas
-    one_minus_ac = 1.0 - ac
-    posterior_variance = betas * (1.0 - ac_prev) / one_minus_ac
-    # β̃_1 = 0: the log is clipped to β̃_2 (improved-diffusion), which only the
-    # fixed-small decoder at t = 1 ever reads. A 1-step chain keeps log β_1.
-    clipped = posterior_variance[1] if len(posterior_variance) > 1 else betas[0]
-    posterior_log_variance_clipped = np.log(np.concatenate([[clipped], posterior_variance[1:]]))
-    fields = dict(
-        betas=betas,
-        alphas=alphas,
-        alphas_cumprod=ac,
-        alphas_cumprod_prev=ac_prev,
-        sqrt_alphas_cumprod=np.sqrt(ac),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(one_minus_ac),
-        log_one_minus_alphas_cumprod=np.log(one_minus_ac),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
-        log_betas=np.log(betas),
-        posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=posterior_log_variance_clipped,
-        posterior_mean_coef1=np.sqrt(ac_prev) * betas / one_minus_ac,
-        posterior_mean_coef2=np.sqrt(alphas) * (1.0 - ac_prev) / one_minus_ac,
-    )
-    arrays = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in fields.items()}
-    return Schedule(**arrays, timesteps=jnp.asarray(timesteps, dtype=jnp.int32))
+    # Non-finite values are refused right below, so no RuntimeWarning is needed first.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        one_minus_ac = 1.0 - ac
+        posterior_variance = betas * (1.0 - ac_prev) / one_minus_ac
+        # β̃_1 = 0: the log is clipped to β̃_2 (improved-diffusion), which only the
+        # fixed-small decoder at t = 1 ever reads. A 1-step chain keeps log β_1.
+        clipped = posterior_variance[1] if len(posterior_variance) > 1 else betas[0]
+        posterior_log_variance_clipped = np.log(np.concatenate([[clipped], posterior_variance[1:]]))
+        fields = dict(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=ac,
+            alphas_cumprod_prev=ac_prev,
+            sqrt_alphas_cumprod=np.sqrt(ac),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(one_minus_ac),
+            log_one_minus_alphas_cumprod=np.log(one_minus_ac),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
+            log_betas=np.log(betas),
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=posterior_log_variance_clipped,
+            posterior_mean_coef1=np.sqrt(ac_prev) * betas / one_minus_ac,
+            posterior_mean_coef2=np.sqrt(alphas) * (1.0 - ac_prev) / one_minus_ac,
+        )
+    bad = sorted(k for k, v in fields.items() if not np.all(np.isfinite(v)))
+    if bad:  # e.g. β ≈ 1e-20, below float64 resolution next to 1: 1 − ᾱ_1 = 0
+        raise ValueError(f"betas give non-finite {bad}: each β must be resolvable next to 1 in float64 (β > ~1e-15)")
+    # device_put of a float32 NumPy array: a jnp.asarray cast would compile a conversion per length.
+    arrays = {k: jax.device_put(np.asarray(v, dtype=np.float32)) for k, v in fields.items()}
+    return Schedule(**arrays, timesteps=jax.device_put(np.asarray(timesteps, dtype=np.int32)))
 
 
 def schedule_from_betas(betas: np.ndarray, *, zero_terminal_snr: bool = False) -> Schedule:
@@ -208,10 +226,9 @@ def get_schedule(name: str, num_timesteps: int, *, zero_terminal_snr: bool = Fal
     name: one of SCHEDULES ('linear', 'cosine', 'quadratic', 'sigmoid', 'custom');
     kwargs go to the schedule's function (e.g. beta_start, s, betas).
     """
-    if name not in SCHEDULES:
+    if not isinstance(name, str) or name not in SCHEDULES:
         raise ValueError(f"schedule name must be one of {sorted(SCHEDULES)}, got {name!r}")
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+    _check_int("num_timesteps", num_timesteps, 1, MAX_TIMESTEPS)
     if zero_terminal_snr and num_timesteps < 2:
         raise ValueError("zero_terminal_snr needs num_timesteps >= 2")
     try:
@@ -225,6 +242,7 @@ def get_schedule(name: str, num_timesteps: int, *, zero_terminal_snr: bool = Fal
 # Respacing (Nichol & Dhariwal 2021, §4; Song et al. 2021, DDIM §4.2).
 
 SPACINGS = ("even", "quad")
+MAX_TIMESTEPS = 1_000_000  # far beyond any published chain; bounds host memory before anything is built
 
 
 def space_timesteps(num_timesteps: int, num_steps: int, kind: str = "even") -> np.ndarray:
@@ -233,10 +251,10 @@ def space_timesteps(num_timesteps: int, num_steps: int, kind: str = "even") -> n
     'even': round(linspace(0, T−1, K)), which also keeps the last step T−1.
     'quad': DDIM's quadratic spacing, ⌊linspace(0, √(0.8T), K)²⌋, made strictly increasing.
     """
-    if kind not in SPACINGS:
+    if not isinstance(kind, str) or kind not in SPACINGS:
         raise ValueError(f"spacing kind must be one of {SPACINGS}, got {kind!r}")
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_timesteps}] (num_timesteps), got {num_steps}")
+    _check_int("num_timesteps", num_timesteps, 1, MAX_TIMESTEPS)
+    _check_int("num_steps", num_steps, 1, num_timesteps)
     if kind == "even":
         steps = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
     else:
@@ -258,7 +276,13 @@ def _make_strictly_increasing(steps: np.ndarray, num_timesteps: int) -> np.ndarr
 
 
 def validate_steps(steps: Sequence[int], num_timesteps: int) -> np.ndarray:
-    steps = np.asarray(steps, dtype=np.int64)
+    try:
+        as_array = np.asarray(steps)
+    except (TypeError, ValueError):
+        as_array = np.asarray([None])
+    if as_array.dtype.kind not in "iu":  # floats are refused, not truncated
+        raise ValueError(f"steps must be a list of integer step indices, got {steps!r}")
+    steps = as_array.astype(np.int64)
     if steps.ndim != 1 or len(steps) < 1:
         raise ValueError(f"steps must be a non-empty 1-D list of step indices, got shape {steps.shape}")
     if steps[0] < 0 or steps[-1] >= num_timesteps or np.any(np.diff(steps) <= 0):

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
@@ -293,8 +294,11 @@ def _check_finite(metrics: dict[str, Array], step: int, limit: int, manager) -> 
 def _log(writer: MetricWriter, bar: tqdm, step: int, pending: list[dict], images_per_step: int,
          seconds: float) -> None:
     rows = local_copy(pending)
-    scalars = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("skipped",)}
+    counters = ("skipped", "nonfinite_count", "consecutive_nonfinite")
+    scalars = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in counters}
+    # Counters: skipped in this interval, and the running totals at its last step.
     scalars.update(skipped=float(sum(r["skipped"] for r in rows)), nonfinite_count=float(rows[-1]["nonfinite_count"]),
+                   consecutive_nonfinite=float(rows[-1]["consecutive_nonfinite"]),
                    steps_per_sec=len(rows) / seconds, images_per_sec=len(rows) * images_per_step / seconds)
     writer.write_scalars(step, scalars)
     bar.set_postfix(loss=f"{scalars['loss']:.4f}", steps_s=f"{scalars['steps_per_sec']:.2f}",
@@ -343,7 +347,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start = int(local_copy(state.step))
     checkpoints.write_config(workdir, config)
     meta = checkpoints.run_metadata(config)
-    hyper, schedule = step_config(config), replicate(build_schedule(config), mesh)
+    schedule = replicate(build_schedule(config), mesh)
+    step_fn = _compiled_step(config, mesh, state, train_rng, schedule)
     batches = data.get_dataset(
         config.data.dataset, "train", batch_size=t.batch_size // jax.process_count(), seed=t.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count(), image_size=config.data.image_size,
@@ -361,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     _save(manager, state, step, meta)
                     break
                 images = shard_batch(next(batches)["image"], mesh)
-                state, metrics = parallel_train_step(state, images, train_rng, schedule, hyper=hyper, mesh=mesh)
+                state, metrics = step_fn(state, images, train_rng, schedule)
                 step += 1
                 bar.update(1)
                 if previous is not None:  # one step behind, so the host never waits on the running step
@@ -370,9 +375,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 pending.append(metrics)
                 last = step == t.num_train_steps
                 if step % t.log_every == 0 or last:
-                    _check_finite(metrics, step, t.max_consecutive_nonfinite, manager)
                     _log(writer, bar, step, pending, t.batch_size, time.perf_counter() - tick)
                     pending, tick = [], time.perf_counter()
+                    _check_finite(metrics, step, t.max_consecutive_nonfinite, manager)
                 if step % t.save_every == 0 or last:
                     _check_finite(metrics, step, t.max_consecutive_nonfinite, manager)
                     _save(manager, state, step, meta)
@@ -384,6 +389,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         writer.close()
         bar.close()
     return state
+
+
+def _compiled_step(config: ml_collections.ConfigDict, mesh: Mesh, state: TrainState, rng: Array,
+                   schedule: schedules.Schedule) -> Callable:
+    """parallel_train_step with this config's static arguments.
+
+    With several processes it is compiled ahead and the processes meet before the
+    first step: one that loads the program from a persistent cache would otherwise
+    wait in the first all-reduce while another compiles, past the collectives' timeout.
+    """
+    step_fn = functools.partial(parallel_train_step, hyper=step_config(config), mesh=mesh)
+    if jax.process_count() == 1:
+        return step_fn
+    images = jax.ShapeDtypeStruct((config.training.batch_size, *config_validation.image_shape(config)), jnp.float32,
+                                  sharding=NamedSharding(mesh, P(AXIS)))
+    compiled = parallel_train_step.lower(state, images, rng, schedule, hyper=step_config(config), mesh=mesh).compile()
+    multihost_utils.sync_global_devices("ddpm_jax_train_step_compiled")
+    return compiled
 
 
 def _save(manager, state: TrainState, step: int, meta: dict) -> None:

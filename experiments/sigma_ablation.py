@@ -87,8 +87,9 @@ def write_report(out_dir: str, records: list[dict], grids: dict, info: dict, ref
         plot_vs_k(rows, ["nll_bpd"], os.path.join(out_dir, "nll_vs_k.png"), log_y=True)
     if quality:
         plot_vs_k(rows, quality, os.path.join(out_dir, "quality_vs_k.png"))
-    os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
-    grids = {**grids, ("data", info["quality_reference"]): reference[: len(next(iter(grids.values())))]}
+    if grids:
+        os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
+        grids = {**grids, ("data", info["quality_reference"]): reference[: len(next(iter(grids.values())))]}
     for (setting, k), samples in grids.items():
         if samples.ndim == 4:  # image data; 2-D toy points have no grid
             images.save_grid(os.path.join(out_dir, "grids", f"{setting}_K{k}.png" if setting != "data"
@@ -96,7 +97,7 @@ def write_report(out_dir: str, records: list[dict], grids: dict, info: dict, ref
     header = (f"# σ_t ablation\n\n{info['dataset']}, checkpoint step {info['checkpoint_step']} of "
               f"`{info['workdir']}` ({info['num_params']:,} parameters, T = {info['num_timesteps']}, "
               f"trained with variance={info['trained_variance']}); seeds {info['seeds']}, "
-              f"{info['num_samples']} samples per setting and seed, bound on {info['nll_examples']} "
+              f"{info['num_samples'] or 'no'} samples per setting and seed, bound on {info['nll_examples']} "
               f"{info['nll_split']} images. Mean ± std over seeds; sampling time excludes compilation. "
               f"{info['date']}, {info['machine']['device']} ({info['machine']['cpu_count']} CPUs), "
               f"total wall time {info['wall_time_s'] / 60:.1f} min, code {info['git_commit']}.\n\n")
@@ -124,7 +125,7 @@ def main(argv):
                                          max_examples=config.gamma.num_examples)
     reference = data.load_split_array(dataset, config.quality.reference_split, image_size=image_size)
     weights = config.quality.inception_weights or os.environ.get(inception.WEIGHTS_ENV_VAR)
-    kind = ablation.resolve_quality_kind(config.quality.kind, dataset, weights)
+    kind = ablation.resolve_quality_kind(config.quality.kind, dataset, weights) if config.sample.num_samples else "none"
     logging.info("Sample quality: %s", kind)
     if kind == "digits":
         source = data.open_source(dataset, "train")

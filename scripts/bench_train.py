@@ -90,7 +90,8 @@ def bench(name: str, batch_size: int, bf16: bool, steps: int) -> dict:
 
 def machine() -> str:
     device = jax.devices()[0]
-    return (f"{platform.node()} | {platform.platform()} | {os.cpu_count()} CPU threads | backend {device.platform} | "
+    return (f"{platform.node()} | {platform.platform()} | {os.cpu_count()} CPU threads (1-min load average "
+            f"{os.getloadavg()[0]:.1f} when written: other jobs share them) | backend {device.platform} | "
             f"{jax.device_count()} x {device.device_kind} | jax {jax.__version__}")
 
 

@@ -133,3 +133,20 @@ def test_validate_config_names_the_bad_field(field, value, message):
         config[field] = value
     with pytest.raises(ValueError, match=message):
         ablation.validate_config(config, num_timesteps=1000)
+
+
+def test_validate_config_accepts_zero_samples_but_not_one():
+    config = _load_config("ablation_tiny")
+    config.sample.num_samples = 0  # the bound only
+    ablation.validate_config(config, num_timesteps=1000)
+    config.sample.num_samples = 1
+    with pytest.raises(ValueError, match="sample.num_samples must be 0"):
+        ablation.validate_config(config, num_timesteps=1000)
+
+
+def test_markdown_rounds_to_the_second_significant_digit_of_the_std():
+    records = [dict(setting="analytic", variance="analytic", eta=None, K=10, seed=s, num_samples=4, note="",
+                    compile_time_s=1.0, nll_bpd=v, fdd=f) for s, v, f in ((0, 7.2920, 160.0), (1, 7.2964, 182.6))]
+    rows = ablation.aggregate(records)
+    # std(7.2920, 7.2964) = 0.0031, std(160, 182.6) = 16.
+    assert "| analytic | 10 | 7.2942 ± 0.0031 | 171 ± 16 |" in ablation.markdown_table(rows)

@@ -162,3 +162,18 @@ def test_run_metadata_records_config_and_commit(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", meta["git_commit"])
     with open(tmp_path / "config.json", encoding="utf-8") as f:
         assert '"batch_size": 128' in f.read()
+
+
+def test_a_checkpoint_of_another_model_is_an_error_not_damage(tmp_path):
+    """A changed --config.model.* must not move good checkpoints aside and restart from step 0."""
+    state = _state(seed=1, step=10)
+    manager = checkpoints.make_manager(str(tmp_path), max_to_keep=3)
+    _save(manager, state)
+    wider = state.replace(params={"conv": {"kernel": np.zeros((3, 3, 32, 128), np.float32),
+                                           "bias": np.zeros((128,), np.float32)}})
+    with pytest.raises(ValueError, match=r"step 10 .* another model .*state/params/conv/bias is \(\(64,\), "
+                                         r"'float32'\) in the checkpoint but \(\(128,\), 'float32'\)"):
+        checkpoints.restore_latest(manager, *_abstract(wider))
+    assert list(manager.all_steps()) == [10]
+    assert not os.path.exists(os.path.join(str(tmp_path), checkpoints.DAMAGED_DIR))
+    manager.close()

@@ -149,7 +149,7 @@ BAD_FIELDS = [
     ("model.attn_resolutions", (16,), r"model\.attn_resolutions must be a subset of the resolutions \[8, 4\]"),
     ("diffusion.schedule", "cosin", r"diffusion\.schedule must be one of \['linear', 'cosine'"),
     ("diffusion.num_timesteps", 0, r"diffusion\.num_timesteps must be an int >= 1"),
-    ("diffusion.schedule_kwargs.beta_end", 1.5, r"diffusion\.schedule_kwargs\.beta_end must lie in the open interval"),
+    ("diffusion.schedule_kwargs.beta_end", 1.5, r"diffusion\.schedule_kwargs\.beta_end must be a number in the open interval"),
     ("diffusion.schedule_kwargs.gamma", 1.0, r"diffusion\.schedule_kwargs: invalid arguments for schedule 'linear'"),
     ("diffusion.variance", "learnt", r"diffusion\.variance must be one of"),
     ("diffusion.variance", "analytic", r"diffusion\.variance must be one of .* sampling-time choice"),

@@ -180,6 +180,9 @@ def test_nan_batches_skip_updates_then_stop_with_a_clear_error(tmp_path, monkeyp
     assert (step_good, step_last) == (2, 4)
     assert_bitwise_equal(last["params"], good["params"])  # the skipped steps left the parameters alone
     assert (int(last["nonfinite_count"]), int(last["consecutive_nonfinite"])) == (2, 2)
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+        row = json.loads(f.read().splitlines()[-1])  # the stopping step is logged before the error
+    assert (row["step"], row["skipped"], row["nonfinite_count"], row["consecutive_nonfinite"]) == (5, 3, 3, 3)
 
 
 def test_eight_devices_match_one_device(uninterrupted, tmp_path):

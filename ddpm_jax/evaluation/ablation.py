@@ -104,8 +104,11 @@ def validate_config(config: ml_collections.ConfigDict, num_timesteps: int | None
                  "gamma.batch_size", "grid_size"):
         group, field = path.split(".") if "." in path else (None, path)
         value = config[group][field] if group else config[field]
-        if not _is_int(value, 2 if path == "sample.num_samples" else 1):
-            _fail(path, "an int >= 2 (FDD needs a covariance)" if path == "sample.num_samples" else "an int >= 1", value)
+        if path == "sample.num_samples":
+            if not (_is_int(value, 2) or _is_int(value, 0) and value == 0):
+                _fail(path, "0 (the bound only) or an int >= 2 (FDD needs a covariance)", value)
+        elif not _is_int(value, 1):
+            _fail(path, "an int >= 1", value)
     if config.nll.num_examples is not None and not _is_int(config.nll.num_examples, 2):
         _fail("nll.num_examples", "None (the whole split) or an int >= 2", config.nll.num_examples)
     if config.quality.kind not in QUALITY_KINDS:
@@ -218,13 +221,15 @@ def run_ablation(model_fn: Partial, schedule, config: ml_collections.ConfigDict,
                  quality_fn: Callable[[np.ndarray, int], dict[str, float]] | None):
     """Every (σ choice, K, seed) of `config` -> (records [dict], grids {(setting, K): samples of the first seed}).
 
+    config.sample.num_samples = 0 computes the bounds alone (no sampling, quality or timing).
     schedule: the full T-step chain of the model. train_images feed Γ_t
     (Analytic-DPM estimates it on training data); test_images [N, ...] on the
     8-bit grid are the split the bound is averaged over.
     """
     choices = sigma_choices(tuple(config.variances), tuple(config.ddim_etas), trained_variance)
     num_timesteps = schedule.num_timesteps
-    sample_batch = min(config.sample.batch_size, config.sample.num_samples)
+    sampling_on = config.sample.num_samples > 0  # 0: the bound only
+    sample_batch = max(1, min(config.sample.batch_size, config.sample.num_samples))
     shape = (sample_batch,) + tuple(test_images.shape[1:])
 
     gamma = None
@@ -240,16 +245,22 @@ def run_ablation(model_fn: Partial, schedule, config: ml_collections.ConfigDict,
     records, grids, bounds = [], {}, {}
     for num_steps in config.num_steps:
         for choice in choices:
-            compiled, compile_s = compile_sampler(model_fn, schedule, choice, num_steps, shape,
-                                                  spacing=config.spacing, mean_type=mean_type,
-                                                  clip_x0=config.sample.clip_x0, gamma=gamma)
+            if sampling_on:
+                compiled, compile_s = compile_sampler(model_fn, schedule, choice, num_steps, shape,
+                                                      spacing=config.spacing, mean_type=mean_type,
+                                                      clip_x0=config.sample.clip_x0, gamma=gamma)
             for seed in config.seeds:
                 key = jax.random.PRNGKey(seed)
-                samples, sample_s = draw_samples(compiled, model_fn, jax.random.fold_in(key, 0),
-                                                 config.sample.num_samples, sample_batch)
-                record = dict(setting=choice.name, variance=choice.variance, eta=choice.eta, K=num_steps,
-                              seed=seed, num_samples=len(samples), sample_time_s=sample_s, compile_time_s=compile_s,
+                record = dict(setting=choice.name, variance=choice.variance, eta=choice.eta, K=num_steps, seed=seed,
                               note=choice.note)
+                if sampling_on:
+                    samples, sample_s = draw_samples(compiled, model_fn, jax.random.fold_in(key, 0),
+                                                     config.sample.num_samples, sample_batch)
+                    record.update(num_samples=len(samples), sample_time_s=sample_s, compile_time_s=compile_s)
+                    if quality_fn is not None:
+                        record.update(quality_fn(samples, seed))
+                    if seed == config.seeds[0]:
+                        grids[(choice.name, num_steps)] = samples[: config.grid_size]
                 if choice.bound_variance is not None:
                     cache_key = (choice.bound_variance, num_steps, seed)
                     if cache_key not in bounds:  # DDIM η=1 reuses fixed_small's bound
@@ -260,10 +271,6 @@ def run_ablation(model_fn: Partial, schedule, config: ml_collections.ConfigDict,
                             clip_x0=config.nll.clip_x0)
                     bound = bounds[cache_key]
                     record.update(nll_bpd=bound["mean"], nll_stderr=bound["stderr"], nll_examples=bound["num_examples"])
-                if quality_fn is not None:
-                    record.update(quality_fn(samples, seed))
-                if seed == config.seeds[0]:
-                    grids[(choice.name, num_steps)] = samples[: config.grid_size]
                 records.append(record)
                 logging.info("%s K=%d seed=%d: %s", choice.name, num_steps, seed,
                              {k: round(v, 4) for k, v in record.items() if isinstance(v, float)})
@@ -292,8 +299,8 @@ def aggregate(records: list[dict]) -> list[dict]:
         groups.setdefault(tuple(record[f] for f in ID_FIELDS), []).append(record)
     rows = []
     for ids, group in groups.items():
-        row = dict(zip(ID_FIELDS, ids), num_seeds=len(group), num_samples=group[0]["num_samples"],
-                   compile_time_s=group[0]["compile_time_s"])
+        row = dict(zip(ID_FIELDS, ids), num_seeds=len(group), num_samples=group[0].get("num_samples", 0),
+                   compile_time_s=group[0].get("compile_time_s", math.nan))
         for metric in METRICS:
             if metric in group[0]:
                 row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r[metric] for r in group])
@@ -324,12 +331,15 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def _cell(row: dict, metric: str) -> str:
-    """'mean ± std' with 4 significant digits for the mean and 2 for the std (values span 1e-3 to 1e3)."""
+    """'mean ± std', both to the decimal of the std's second significant digit (at most 4 decimals)."""
     mean = row.get(f"{metric}_mean")
     if mean is None or math.isnan(mean):
         return "—"
     std = row[f"{metric}_std"]
-    return f"{mean:.4g}" if math.isnan(std) else f"{mean:.4g} ± {std:.2g}"
+    if math.isnan(std):
+        return f"{mean:.4g}"
+    decimals = 4 if std <= 0.0 else min(4, max(0, 1 - math.floor(math.log10(std))))
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -56,7 +56,10 @@ def _check_full_chain(schedule: Schedule) -> None:
 
 
 def _check_data(data: np.ndarray) -> np.ndarray:
-    data = np.asarray(data, dtype=np.float32)
+    try:
+        data = np.asarray(data, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"data must be a float array [N, H, W, C] or [N, D] in [-1, 1], got {type(data).__name__}") from None
     if data.ndim < 2 or data.shape[0] < 1:
         raise ValueError(f"data must have shape [N, H, W, C] or [N, D] with N >= 1, got {data.shape}")
     if not np.all(np.isfinite(data)) or data.min() < -1.0 or data.max() > 1.0:
