@@ -140,6 +140,8 @@ def _first_mismatch(manager: ocp.CheckpointManager, step: int, targets: dict[str
         saved = {item: _shapes(metadata[item]) for item in targets}
     except Exception:  # pylint: disable=broad-except
         return None
+    if not all(saved.values()):  # an item's _METADATA is missing: nothing to compare
+        return None
     for item, target in targets.items():
         wanted = _shapes(target)
         for key in sorted(saved[item].keys() | wanted.keys()):
