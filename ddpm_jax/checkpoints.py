@@ -3,7 +3,8 @@
 Layout under `workdir`:
   checkpoints/<step>/state       params, Adam state, step, non-finite counters (StandardSave)
   checkpoints/<step>/ema_params  the EMA weights alone, so samplers read only what they use
-  checkpoints/<step>/meta        JSON: step, the config and the code version (git commit)
+  checkpoints/<step>/meta        JSON: step, the config, the code version (git commit) and a
+                                 CRC-32 of each array item
   config.json                    the config and code version of the latest start
   damaged_checkpoints/<step>     a checkpoint that failed to restore, moved aside (not deleted)
 
@@ -11,8 +12,10 @@ Orbax writes every step into a temporary directory and renames it when the
 save is complete, so a crash mid-save never replaces the last good
 checkpoint; `wait_until_finished()` must run before the process exits.
 Restores try the newest step first and fall back to older ones when a step
-is damaged (a truncated or deleted file): the bad step is named in a warning
-and moved aside, so the next save of that step number does not collide.
+is damaged (a truncated or deleted file, or arrays whose CRC-32 differs from
+the one saved in meta: Orbax itself stores no checksum, so a flipped byte would
+otherwise restore silently): the bad step is named in a warning and moved
+aside, so the next save of that step number does not collide.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import json
 import os
 import shutil
 import subprocess
+import zlib
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -85,16 +90,42 @@ def make_manager(workdir: str, *, max_to_keep: int | None = None, read_only: boo
                                  item_handlers=handlers)
 
 
+def checksum(tree: Any) -> str:
+    """CRC-32 (8 hex digits) of every array of a pytree with its path, in path order.
+
+    Reads this process's copy of each jax.Array. Paths are compared as plain
+    names, so a tree restored into dicts (Orbax metadata) hashes like the
+    namedtuples that were saved.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    crc = 0
+    for names, leaf in sorted(((_names(path), leaf) for path, leaf in leaves), key=lambda item: item[0]):
+        host = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        crc = zlib.crc32(np.ascontiguousarray(host).reshape(-1).view(np.uint8), zlib.crc32("/".join(names).encode(), crc))
+    return f"{crc:08x}"
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, ema_params: Any, meta: dict[str, Any]) -> None:
     """Starts an async save of step `step`; every process must call it (Orbax coordinates the hosts).
 
     state, ema_params: pytrees of jax.Arrays (replicated over the mesh: Orbax writes one copy).
+    Their checksums go into meta (this waits for the arrays and reads them to the host).
     """
+    checksums = {"state": checksum(state), "ema_params": checksum(ema_params)}
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         ema_params=ocp.args.StandardSave(ema_params),
-        meta=ocp.args.JsonSave({"step": int(step), **meta}),
+        meta=ocp.args.JsonSave({"step": int(step), **meta, "checksums": checksums}),
     ), force=True)
+
+
+def _verify(restored: Any, items: tuple[str, ...]) -> None:
+    """Raises ValueError when a restored item's CRC-32 differs from the one in its meta (none saved: skipped)."""
+    saved = dict(restored["meta"]).get("checksums", {})
+    for item in items:
+        if item in saved and checksum(restored[item]) != saved[item]:
+            raise ValueError(f"the arrays of '{item}' do not match the CRC-32 saved with them "
+                             f"({checksum(restored[item])} != {saved[item]}): the files were changed after the save")
 
 
 class Restored(NamedTuple):
@@ -156,8 +187,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, abstract
     """The newest checkpoint that restores completely, or None when there is none.
 
     abstract_*: jax.ShapeDtypeStruct trees (with the shardings to restore into).
-    A step that fails to restore (truncated or missing files, unreadable metadata)
-    is reported with logging.warning naming the step and, with move_damaged, moved
+    A step that fails to restore (truncated or missing files, unreadable metadata,
+    arrays that fail their checksum) is reported with logging.warning naming the step and, with move_damaged, moved
     to workdir/damaged_checkpoints/; the next older step is tried. A readable
     checkpoint of other shapes (the config's model changed) is not damage: it
     raises ValueError naming the first differing array, and nothing is moved.
@@ -174,6 +205,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, abstract
                 ema_params=ocp.args.StandardRestore(abstract_ema),
                 meta=ocp.args.JsonRestore(),
             ))
+            _verify(restored, ("state", "ema_params"))
         # Orbax and TensorStore raise many types for a damaged file (ValueError,
         # FileNotFoundError, a bare Exception); any of them means "not this step".
         except Exception as err:  # pylint: disable=broad-except
@@ -214,6 +246,7 @@ def load_item(workdir: str, item: str, step: int | None = None) -> tuple[Any, di
                 target = _single_device_target(manager.item_metadata(candidate)[item])
                 restored = manager.restore(candidate, args=ocp.args.Composite(
                     **{item: ocp.args.StandardRestore(target)}, meta=ocp.args.JsonRestore()))
+                _verify(restored, (item,))
             except Exception as err:  # pylint: disable=broad-except  (see restore_latest)
                 logging.warning("Checkpoint step %d in %s cannot be read (%s: %s); trying an older one.",
                                 candidate, manager.directory, type(err).__name__, str(err).splitlines()[0][:300])

@@ -4,16 +4,20 @@ Every dataset goes through one code path (`get_dataset`):
 
   source (len + [i] -> {'image', 'label'})   tfds.data_source (array_record)
                                              or an in-memory ArraySource
-  -> even per-process shard                  ShardSource: [index::count]
   -> shuffle (reshuffled every epoch)        grain.MapDataset.shuffle + repeat
   -> preprocess (crop/resize, flip, scale)   grain.MapDataset.random_map
-  -> batch (drop remainder: static shapes)   grain.MapDataset.batch
+  -> blocks of the per-process batch         grain.MapDataset.batch (drop remainder)
+  -> this process's blocks                   slicing: [shard_index::shard_count]
   -> skip `start_step` batches               slicing the MapDataset: O(1)
   -> threads (+ optional worker processes)   to_iter_dataset / mp_prefetch
 
 Because every stage is a random-access `MapDataset`, batch k is a pure
 function of (seed, shard_index, shard_count, batch_size, num_epochs, k):
-resuming training at step k only needs `start_step=k`.
+resuming training at step k only needs `start_step=k`. The shuffle and the
+flips run on the one global stream of examples, and process p takes rows
+[p·b, (p+1)·b) of every global batch of shard_count·b rows (reading only
+those), so the global batch k is the same for any number of processes: 2
+processes with b = 32 see the batches of 1 process with b = 64.
 
 Images leave as float32 [B, H, W, C] in [-1, 1] (x/127.5 - 1 for uint8 x, as
 Ho et al. 2020, section 3.3, scale the data); labels as int32 [B] (0 for
@@ -161,25 +165,6 @@ class ArraySource:
 
     def __getitem__(self, index):
         return {'image': self.images[index], 'label': self.labels[index]}
-
-
-class ShardSource:
-    """Examples shard_index, shard_index + shard_count, ... of a source.
-
-    Every shard has floor(N / shard_count) examples (the last N % shard_count
-    are dropped) so all processes run the same number of steps. Sharding the
-    source, not slicing a MapDataset, keeps the index wrapping that repeat()
-    after shuffle() relies on out of grain's slice (changed in grain 0.2.19).
-    """
-
-    def __init__(self, source, shard_index, shard_count):
-        self.source, self.shard_index, self.shard_count = source, shard_index, shard_count
-
-    def __len__(self):
-        return len(self.source) // self.shard_count
-
-    def __getitem__(self, index):
-        return self.source[self.shard_index + index * self.shard_count]
 
 
 def digits_uint8(values):
@@ -337,14 +322,15 @@ def get_dataset(name, split, *, batch_size, seed, shard_index=0,
                 shard_count=1, image_size=None, random_flip=None,
                 data_dir=None, num_epochs=None, start_step=0,
                 worker_count=0):
-    """Iterator over batches of one process's shard of a split.
+    """Iterator over one process's rows of the global batches of a split.
 
     Yields dict(image=float32 [B, H, W, C] in [-1, 1] (or [B, D] for vector
     sets), label=int32 [B]) with B = batch_size, the PER-PROCESS batch. Pass
-    shard_index=jax.process_index(), shard_count=jax.process_count(). Each
-    shard holds floor(N / shard_count) examples (the remainder is dropped so
-    every process has the same number of steps) and is reshuffled every epoch;
-    batches may straddle epochs; the last partial batch is dropped.
+    shard_index=jax.process_index(), shard_count=jax.process_count(): batch k
+    of process p holds rows [p·B, (p+1)·B) of the global batch k (B·shard_count
+    rows), which does not depend on shard_count. The split is reshuffled every
+    epoch; batches may straddle epochs; with num_epochs set, the last partial
+    global batch is dropped, so every process runs the same number of steps.
 
     Batch k depends only on (seed, shard_index, shard_count, batch_size,
     num_epochs, image_size, random_flip, k): start_step=k yields exactly the
@@ -364,18 +350,22 @@ def get_dataset(name, split, *, batch_size, seed, shard_index=0,
         int(s) for s in np.random.SeedSequence(seed).generate_state(2))
 
     source = open_source(name, split, data_dir)
-    if len(source) < shard_count:
-        raise ValueError(f'shard_count must be <= the {len(source)} examples '
-                         f'of {name}/{split}, got {shard_count}')
-    ds = grain.MapDataset.source(
-        ShardSource(source, shard_index, shard_count))
+    if num_epochs is not None and len(source) * num_epochs < batch_size * shard_count:
+        raise ValueError(
+            f'batch_size x shard_count must be <= the {len(source)} examples of '
+            f'{name}/{split} x num_epochs={num_epochs} (one whole global batch), '
+            f'got {batch_size} x {shard_count}')
+    ds = grain.MapDataset.source(source)
     ds = ds.shuffle(seed=shuffle_seed)
     ds = ds.random_map(_preprocess_fn(name, image_size, random_flip),
                        seed=map_seed)
     # repeat() reseeds the shuffle and the flips of every epoch.
     ds = ds.repeat(num_epochs)
+    # Blocks of B examples; global batch k is blocks k·count ... k·count + count - 1.
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds[start_step:]
+    if num_epochs is not None:  # whole global batches only
+        ds = ds[:len(ds) // shard_count * shard_count]
+    ds = ds[shard_index::shard_count][start_step:]
     ids = ds.to_iter_dataset(grain.ReadOptions(**_READ_OPTIONS))
     if worker_count > 0:
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

@@ -151,9 +151,33 @@ def bpd_terms(
     over the K steps; a fresh x_t ~ q(x_t|x_0) per step. Returns
     dict(total [B], prior [B], terms [K, B], mse [K, B]).
     """
-    diffusion.validate_variance(variance, gamma)
+    return bpd_terms_by_variance(model_fn, schedule, x0, rng, variances=(variance,), mean_type=mean_type,
+                                 clip_x0=clip_x0, gamma=gamma)[variance]
+
+
+def bpd_terms_by_variance(
+    model_fn: Callable[[Array, Array], Array],
+    schedule: Schedule,
+    x0: Array,
+    rng: Array,
+    *,
+    variances: tuple[str, ...],
+    mean_type: str = "eps",
+    clip_x0: bool = False,
+    gamma: Array | None = None,
+) -> dict[str, dict[str, Array]]:
+    """`bpd_terms` for several σ choices from ONE network call per step: {variance: dict(total, prior, terms, mse)}.
+
+    Every choice sees the same x_t draws (a paired comparison) and the cost is
+    that of one. model_fn returns C channels, or 2C for a learned variance; the
+    fixed choices use the first C.
+    """
+    if not variances or len(set(variances)) != len(variances):
+        raise ValueError(f"variances must be distinct names, at least one, got {variances!r}")
+    for variance in variances:
+        diffusion.validate_variance(variance, gamma)
     num_steps = schedule.num_timesteps
-    batch = x0.shape[0]
+    batch, channels = x0.shape[0], x0.shape[-1]
 
     def one_step(_, inputs):
         i, key = inputs
@@ -161,14 +185,16 @@ def bpd_terms(
         noise = jax.random.normal(key, x0.shape, x0.dtype)
         x_t = diffusion.q_sample(schedule, x0, t, noise)
         output = model_fn(x_t, jnp.take(schedule.timesteps, t))
-        p_out = diffusion.p_mean_variance(
-            schedule, output, x_t, t, variance=variance, mean_type=mean_type, clip_x0=clip_x0, gamma=gamma
-        )
-        term = vb_terms_bpd(schedule, p_out, x0, x_t, t)
-        mse = mean_flat((p_out["pred_eps"] - noise) ** 2)
-        return None, (term, mse)
+        out = {}
+        for variance in variances:
+            own = output if variance in diffusion.LEARNED_VARIANCES else output[..., :channels]
+            p_out = diffusion.p_mean_variance(schedule, own, x_t, t, variance=variance, mean_type=mean_type,
+                                              clip_x0=clip_x0, gamma=gamma)
+            out[variance] = (vb_terms_bpd(schedule, p_out, x0, x_t, t), mean_flat((p_out["pred_eps"] - noise) ** 2))
+        return None, out
 
     keys = jax.random.split(rng, num_steps)
-    _, (terms, mse) = jax.lax.scan(one_step, None, (jnp.arange(num_steps), keys))
+    _, out = jax.lax.scan(one_step, None, (jnp.arange(num_steps), keys))
     prior = prior_bpd(schedule, x0)
-    return dict(total=jnp.sum(terms, axis=0) + prior, prior=prior, terms=terms, mse=mse)
+    return {variance: dict(total=jnp.sum(terms, axis=0) + prior, prior=prior, terms=terms, mse=mse)
+            for variance, (terms, mse) in out.items()}

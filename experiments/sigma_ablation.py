@@ -10,6 +10,8 @@ used). Writes to config.output_dir (default RUN_DIR/sigma_ablation):
   nll_vs_k.png, quality_vs_k.png   one line per σ choice, log K axis, error bars = std over seeds
   grids/<setting>_K<K>.png  samples of the first seed; grids/data_<split>.png the reference images
   run_info.json             checkpoint, machine, date, wall time, the ablation config
+--report_only rewrites the tables and plots from per_seed.csv and run_info.json (e.g. after a
+change of formatting) without loading the model; the grids are kept.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from ddpm_jax.utils import images  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Ablation config file (experiments/configs/ablation_*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the training run whose checkpoint is evaluated.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite results.csv/.md and the plots from the "
+                                  "per_seed.csv and run_info.json already in the output directory.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -78,7 +82,8 @@ def machine() -> dict:
             "backend": jax.default_backend(), "device": device.device_kind, "num_devices": jax.device_count()}
 
 
-def write_report(out_dir: str, records: list[dict], grids: dict, info: dict, reference: np.ndarray) -> list[dict]:
+def write_report(out_dir: str, records: list[dict], grids: dict, info: dict,
+                 reference: np.ndarray | None) -> list[dict]:
     rows = ablation.aggregate(records)
     ablation.write_csv(rows, os.path.join(out_dir, "results.csv"))
     ablation.write_csv(records, os.path.join(out_dir, "per_seed.csv"))
@@ -112,6 +117,12 @@ def main(argv):
     del argv
     start = time.perf_counter()
     config, workdir = _CONFIG.value, _WORKDIR.value
+    if _REPORT_ONLY.value:
+        out_dir = config.output_dir or os.path.join(workdir, "sigma_ablation")
+        with open(os.path.join(out_dir, "run_info.json"), encoding="utf-8") as f:
+            info = json.load(f)
+        write_report(out_dir, ablation.read_records(os.path.join(out_dir, "per_seed.csv")), {}, info, None)
+        return
     ablation.validate_config(config)
     model_fn, schedule, train_config, step = ablation.load_model(workdir, config.checkpoint_step)
     ablation.validate_config(config, schedule.num_timesteps)

@@ -2,17 +2,14 @@
 
     python tests/_train_worker.py --config=experiments/configs/tiny.py --workdir=W \
         [--set training.num_train_steps=8 ...] [--nan_steps=3,4] \
-        [--process_id=0 --num_processes=2 --coordinator=127.0.0.1:PORT [--global_data]] [--out=final.npz]
+        [--process_id=0 --num_processes=2 --coordinator=127.0.0.1:PORT] [--out=final.npz]
 
 It calls `train.train_and_evaluate` the way `ddpm_jax.main` does, plus two test
 hooks the CLI does not have:
   --nan_steps   replaces the images of those (zero-based) global steps by NaN, so
                 the loss is non-finite there (a poisoned batch, end to end);
   --coordinator joins a multi-process run with jax.distributed.initialize on
-                CPU devices connected by gloo;
-  --global_data every process reads the one-process batch stream and keeps its
-                rows (process p: rows [p·b, (p+1)·b) of each global batch), so a
-                multi-process run sees the same global batches as one process.
+                CPU devices connected by gloo.
 The final state (params, ema_params, opt_state, step, counters) of this process
 is written to --out as flat float/int arrays keyed by their tree path.
 The device count comes from XLA_FLAGS, set by the caller before JAX starts.
@@ -36,7 +33,6 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--process_id", type=int, default=0)
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--coordinator", default="")
-    parser.add_argument("--global_data", action="store_true")
     parser.add_argument("--out", default="")
     return parser.parse_args()
 
@@ -71,17 +67,6 @@ def _poison(get_dataset, nan_steps: set[int]):
     return poisoned
 
 
-def _global_rows(get_dataset):
-    """get_dataset reading the global stream (shard 0 of 1) and yielding this process's slice of each batch."""
-
-    def sliced(*args, batch_size, shard_index=0, shard_count=1, **kwargs):
-        rows = slice(shard_index * batch_size, (shard_index + 1) * batch_size)
-        batches = get_dataset(*args, batch_size=batch_size * shard_count, shard_index=0, shard_count=1, **kwargs)
-        return ({k: v[rows] for k, v in batch.items()} for batch in batches)
-
-    return sliced
-
-
 def _flat(tree) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     # addressable_data(0): this process's copy of a replicated array.
@@ -97,8 +82,6 @@ def main() -> int:
                                    process_id=args.process_id, initialization_timeout=60)
     from ddpm_jax import data, train  # pylint: disable=import-outside-toplevel
 
-    if args.global_data:
-        data.get_dataset = _global_rows(data.get_dataset)
     if args.nan_steps:
         data.get_dataset = _poison(data.get_dataset, {int(s) for s in args.nan_steps.split(",")})
     config = _load_config(args.config, args.set)

@@ -146,7 +146,17 @@ def test_validate_config_accepts_zero_samples_but_not_one():
 
 def test_markdown_rounds_to_the_second_significant_digit_of_the_std():
     records = [dict(setting="analytic", variance="analytic", eta=None, K=10, seed=s, num_samples=4, note="",
-                    compile_time_s=1.0, nll_bpd=v, fdd=f) for s, v, f in ((0, 7.2920, 160.0), (1, 7.2964, 182.6))]
+                    compile_time_s=1.0, nll_bpd=v, nll_stderr=se, nll_examples=8, fdd=f)
+               for s, v, se, f in ((0, 7.2920, 0.012, 160.0), (1, 7.2964, 0.014, 182.6))]
     rows = ablation.aggregate(records)
-    # std(7.2920, 7.2964) = 0.0031, std(160, 182.6) = 16.
-    assert "| analytic | 10 | 7.2942 ± 0.0031 | 171 ± 16 |" in ablation.markdown_table(rows)
+    # std(7.2920, 7.2964) = 0.0031, mean s.e. 0.013, std(160, 182.6) = 16.
+    assert "| analytic | 10 | 7.2942 ± 0.0031 | 0.013 | 171 ± 16 |" in ablation.markdown_table(rows)
+
+
+def test_records_survive_the_csv_round_trip(tmp_path):
+    records = [dict(setting="ddim_eta0.5", variance="fixed_small", eta=0.5, K=10, seed=1, num_samples=4,
+                    sample_time_s=0.25, note="why, with a comma"),
+               dict(setting="analytic", variance="analytic", eta=None, K=25, seed=0, num_samples=4,
+                    sample_time_s=0.5, nll_bpd=6.125, nll_stderr=0.0125, nll_examples=297, note="")]
+    ablation.write_csv(records, str(tmp_path / "per_seed.csv"))
+    assert ablation.read_records(str(tmp_path / "per_seed.csv")) == records

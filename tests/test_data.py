@@ -96,7 +96,7 @@ def test_tfds_every_epoch_is_reshuffled(mock_tfds):
 
 
 @pytest.mark.parametrize('shard_count', [2, 5])
-def test_tfds_shards_are_disjoint_and_cover_the_data(mock_tfds, shard_count):
+def test_tfds_shards_are_disjoint_and_equal_in_one_epoch(mock_tfds, shard_count):
     del mock_tfds
     per_shard = _NUM_MOCK // shard_count  # 5 shards drop 24 % 5 = 4 examples
     expected = _expected_images('cifar10', 'train')
@@ -110,7 +110,33 @@ def test_tfds_shards_are_disjoint_and_cover_the_data(mock_tfds, shard_count):
         shards.append(set(_indices(images, expected)))
     union = set().union(*shards)
     assert sum(len(s) for s in shards) == len(union) == per_shard * shard_count
-    assert union == set(range(per_shard * shard_count))
+
+
+@pytest.mark.parametrize('shard_count,num_epochs', [(2, None), (4, None),
+                                                   (3, 2)])
+def test_global_batches_do_not_depend_on_the_process_count(
+    mock_tfds, shard_count, num_epochs):
+    """Process p's batch k is rows [p*b, (p+1)*b) of one process's batch k.
+
+    With flips on, so the per-example randomness is checked too; global
+    batches of 3 x shard_count rows straddle the 24-example epochs.
+    """
+    del mock_tfds
+    b = 3
+    kwargs = dict(seed=3, num_epochs=num_epochs, random_flip=True)
+    single = _take(data.get_dataset('cifar10', 'train',
+                                    batch_size=b * shard_count, **kwargs), 9)
+    parts = [_take(data.get_dataset('cifar10', 'train', batch_size=b,
+                                    shard_index=p, shard_count=shard_count,
+                                    **kwargs), 9)
+             for p in range(shard_count)]
+    if num_epochs is not None:  # 48 examples: 5 whole global batches of 9
+        assert len(single) == 5
+        assert all(len(part) == len(single) for part in parts)
+    for k, whole in enumerate(single):
+        for key in ('image', 'label'):
+            np.testing.assert_array_equal(
+                np.concatenate([part[k][key] for part in parts]), whole[key])
 
 
 def test_tfds_flip_is_the_w_reversal_of_the_same_example(mock_tfds):
@@ -298,3 +324,12 @@ def test_valid_configs_pass_and_get_dataset_validates_first():
     data.validate_data_config('mnist', 28, shard_index=1, shard_count=2)
     with pytest.raises(ValueError, match='batch_size'):
         data.get_dataset('digits', 'train', batch_size=-1, seed=0)
+
+
+def test_fewer_examples_than_one_global_batch_is_an_error():
+    # digits/test has 297 examples: 2 processes x 150 rows do not fit one epoch.
+    with pytest.raises(ValueError, match=r'batch_size x shard_count must be <= the 297 examples'):
+        data.get_dataset('digits', 'test', batch_size=150, seed=0, shard_count=2, num_epochs=1)
+    batches = _take(data.get_dataset('digits', 'test', batch_size=148, seed=0, shard_index=1, shard_count=2,
+                                     num_epochs=1))
+    assert len(batches) == 1 and batches[0]['image'].shape == (148, 8, 8, 1)

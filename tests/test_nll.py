@@ -116,3 +116,37 @@ def test_nll_bpd_rejects_off_grid_data_missing_gamma_and_a_respaced_schedule():
         nll.nll_bpd(_oracle(schedule), schedule, data, key, variance="analytic")
     with pytest.raises(ValueError, match="full T-step chain"):
         nll.nll_bpd(_oracle(schedule), schedules.respace(schedule, [0, 50]), data, key, variance="fixed_small")
+
+
+def test_one_pass_for_several_variances_equals_one_pass_each():
+    """nll_bpd_by_variance shares the network calls and x_t draws; each entry must be nll_bpd's for that σ."""
+    schedule = _schedule()
+    oracle = _oracle(schedule)
+
+    def learned_fn(x_t, t):  # ε in the first C channels, v = 0.3 in the last C
+        return jnp.concatenate([oracle(x_t, t), jnp.full_like(x_t, 0.3)], axis=-1)
+
+    data = _data(48, seed=6)
+    key = jax.random.PRNGKey(8)
+    gamma = oracles.gaussian_gamma(schedule, S)
+    variances = ("fixed_large", "learned_range", "analytic", "fixed_small")
+    together = nll.nll_bpd_by_variance(learned_fn, schedule, data, key, variances=variances, num_steps=10,
+                                       gamma=gamma, batch_size=20)
+    assert list(together) == list(variances)
+    for variance in variances:
+        alone = nll.nll_bpd(learned_fn, schedule, data, key, variance=variance, num_steps=10, gamma=gamma,
+                            batch_size=20)
+        np.testing.assert_allclose(together[variance]["total"], alone["total"], rtol=1e-6)
+        np.testing.assert_allclose(together[variance]["terms"], alone["terms"], rtol=1e-6)
+    # The choices really differ (the test would pass trivially if the variance were ignored).
+    assert len({round(together[v]["mean"], 6) for v in variances}) == len(variances)
+
+
+@pytest.mark.parametrize("variances,match", [((), "non-empty"), ("fixed_small", "non-empty"),
+                                             (("fixed_small", "wide"), "variance must be one of"),
+                                             (("fixed_small", "fixed_small"), "distinct")])
+def test_nll_bpd_by_variance_names_a_bad_variance_list(variances, match):
+    schedule = _schedule()
+    with pytest.raises(ValueError, match=match):
+        nll.nll_bpd_by_variance(_oracle(schedule), schedule, _data(4, seed=4), jax.random.PRNGKey(0),
+                                variances=variances)

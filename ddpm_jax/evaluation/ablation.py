@@ -242,6 +242,8 @@ def run_ablation(model_fn: Partial, schedule, config: ml_collections.ConfigDict,
         logging.info("Γ_t at %d steps from %d training images in %.1f s", len(steps),
                      min(len(train_images), config.gamma.num_examples), time.perf_counter() - start)
 
+    # One pass over the test split per (K, seed) gives the bound of every σ choice (shared network calls and x_t).
+    bound_variances = tuple(dict.fromkeys(c.bound_variance for c in choices if c.bound_variance is not None))
     records, grids, bounds = [], {}, {}
     for num_steps in config.num_steps:
         for choice in choices:
@@ -261,15 +263,14 @@ def run_ablation(model_fn: Partial, schedule, config: ml_collections.ConfigDict,
                         record.update(quality_fn(samples, seed))
                     if seed == config.seeds[0]:
                         grids[(choice.name, num_steps)] = samples[: config.grid_size]
-                if choice.bound_variance is not None:
-                    cache_key = (choice.bound_variance, num_steps, seed)
-                    if cache_key not in bounds:  # DDIM η=1 reuses fixed_small's bound
-                        bounds[cache_key] = nll.nll_bpd(
+                if choice.bound_variance is not None:  # DDIM η=1 reads fixed_small's bound
+                    if (num_steps, seed) not in bounds:
+                        bounds[(num_steps, seed)] = nll.nll_bpd_by_variance(
                             model_fn, schedule, test_images, jax.random.fold_in(key, 1),
-                            variance=choice.bound_variance, num_steps=num_steps, spacing=config.spacing,
+                            variances=bound_variances, num_steps=num_steps, spacing=config.spacing,
                             gamma=gamma, batch_size=config.nll.batch_size, mean_type=mean_type,
                             clip_x0=config.nll.clip_x0)
-                    bound = bounds[cache_key]
+                    bound = bounds[(num_steps, seed)][choice.bound_variance]
                     record.update(nll_bpd=bound["mean"], nll_stderr=bound["stderr"], nll_examples=bound["num_examples"])
                 records.append(record)
                 logging.info("%s K=%d seed=%d: %s", choice.name, num_steps, seed,
@@ -312,6 +313,27 @@ def aggregate(records: list[dict]) -> list[dict]:
     return rows
 
 
+INT_FIELDS = ("K", "seed", "num_samples", "nll_examples")
+TEXT_FIELDS = ("setting", "variance", "note")
+
+
+def read_records(path: str) -> list[dict]:
+    """The records `write_csv` wrote (per_seed.csv), numbers parsed back and empty cells left out."""
+    records = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            record = {}
+            for key, cell in row.items():
+                if key in TEXT_FIELDS:
+                    record[key] = cell
+                elif key == "eta":
+                    record[key] = float(cell) if cell else None
+                elif cell != "":
+                    record[key] = int(cell) if key in INT_FIELDS else float(cell)
+            records.append(record)
+    return records
+
+
 def _columns(rows: list[dict]) -> list[str]:
     columns = []
     for row in rows:
@@ -346,6 +368,9 @@ def markdown_table(rows: list[dict]) -> str:
     """A markdown table (mean ± std over seeds), with the notes of settings that have one as footnotes."""
     metrics_present = [m for m in METRICS if any(f"{m}_mean" in r for r in rows)]
     header = ["σ choice", "K"] + [LABELS[m] for m in metrics_present]
+    with_se = "nll_bpd" in metrics_present
+    if with_se:  # the Monte Carlo error of one seed's bound, over test images and noise draws
+        header.insert(3, "s.e. of one bound")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes: dict[str, str] = {}
     for row in rows:
@@ -354,6 +379,9 @@ def markdown_table(rows: list[dict]) -> str:
             notes.setdefault(name, row["note"])
             name += f" [{list(notes).index(name) + 1}]"
         cells = [_cell(row, m) for m in metrics_present]
+        if with_se:
+            se = row.get("nll_stderr_mean", math.nan)
+            cells.insert(1, "—" if math.isnan(se) else f"{se:.2g}")
         lines.append("| " + " | ".join([name, str(row["K"])] + cells) + " |")
     lines.append("")
     lines += [f"[{i + 1}] {name}: {note}  " for i, (name, note) in enumerate(notes.items())]

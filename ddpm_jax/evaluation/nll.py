@@ -200,12 +200,12 @@ def sub_chain_gamma(gamma: np.ndarray, sub_schedule: Schedule) -> np.ndarray:
 # The bound over a split.
 
 
-@functools.partial(jax.jit, static_argnames=("variance", "mean_type", "clip_x0"))
+@functools.partial(jax.jit, static_argnames=("variances", "mean_type", "clip_x0"))
 def _bound_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, gamma: Array | None, *,
-                 variance: str, mean_type: str, clip_x0: bool) -> dict[str, Array]:
-    # Compiled once per (model function, K, batch shape, variance, mean type, clipping).
-    return losses.bpd_terms(model_fn, schedule, x0, rng, variance=variance, mean_type=mean_type,
-                            clip_x0=clip_x0, gamma=gamma)
+                 variances: tuple[str, ...], mean_type: str, clip_x0: bool) -> dict[str, dict[str, Array]]:
+    # Compiled once per (model function, K, batch shape, variances, mean type, clipping).
+    return losses.bpd_terms_by_variance(model_fn, schedule, x0, rng, variances=variances, mean_type=mean_type,
+                                        clip_x0=clip_x0, gamma=gamma)
 
 
 def nll_bpd(
@@ -231,39 +231,70 @@ def nll_bpd(
     standard error covers both data and noise. Returns dict(mean, stderr,
     num_examples, num_steps, total [N], prior [N], terms [K] (mean per step)).
     """
+    return nll_bpd_by_variance(model_fn, schedule, data, rng, variances=(variance,), num_steps=num_steps,
+                               spacing=spacing, gamma=gamma, batch_size=batch_size, mean_type=mean_type,
+                               clip_x0=clip_x0)[variance]
+
+
+def nll_bpd_by_variance(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    data: np.ndarray,
+    rng: Array,
+    *,
+    variances: Sequence[str],
+    num_steps: int | None = None,
+    spacing: str = "even",
+    gamma: np.ndarray | None = None,
+    batch_size: int = 128,
+    mean_type: str = "eps",
+    clip_x0: bool = False,
+) -> dict[str, dict]:
+    """`nll_bpd` for several σ choices at the cost of one: {variance: the dict nll_bpd returns}.
+
+    One network call per step and example serves every choice, and every choice
+    sees the same x_t draws, so differences between choices carry far less
+    noise than their standard errors suggest. With the same rng each entry
+    equals what nll_bpd returns for that variance alone.
+    """
     _check_full_chain(schedule)
     data = _check_data(data)
     if not on_8bit_grid(data):
         raise ValueError("data must lie on the 8-bit grid k/127.5 - 1 (k = 0..255): the discretized decoder (Ho eq. 13) assumes it")
     _check_positive_int("batch_size", batch_size)
-    if variance not in diffusion.VARIANCES:
-        raise ValueError(f"variance must be one of {sorted(diffusion.VARIANCES)}, got {variance!r}")
-    if variance == "analytic" and gamma is None:
+    if isinstance(variances, str) or not variances:
+        raise ValueError(f"variances must be a non-empty sequence of names, got {variances!r}")
+    variances = tuple(variances)
+    for variance in variances:
+        if not isinstance(variance, str) or variance not in diffusion.VARIANCES:
+            raise ValueError(f"variance must be one of {sorted(diffusion.VARIANCES)}, got {variance!r}")
+    if len(set(variances)) != len(variances):
+        raise ValueError(f"variances must be distinct, got {variances!r}")
+    analytic = "analytic" in variances
+    if analytic and gamma is None:
         raise ValueError("variance='analytic' needs gamma [T] (from estimate_gamma)")
     num_timesteps = schedule.num_timesteps
     if num_steps is None:
         num_steps = num_timesteps
     _check_positive_int("num_steps", num_steps)
     sub = schedules.respace(schedule, kept_steps(num_timesteps, num_steps, spacing))
-    sub_gamma = None if variance != "analytic" else jnp.asarray(sub_chain_gamma(gamma, sub), jnp.float32)
-    learned = variance in diffusion.LEARNED_VARIANCES
+    sub_gamma = jnp.asarray(sub_chain_gamma(gamma, sub), jnp.float32) if analytic else None
+    learned = any(v in diffusion.LEARNED_VARIANCES for v in variances)
     model_fn = as_partial(model_fn) if learned else mean_output_fn(model_fn)
     batch_size = min(batch_size, data.shape[0])
 
-    totals, priors, term_sums = [], [], np.zeros(num_steps)
+    parts = {v: dict(total=[], prior=[], term_sums=np.zeros(num_steps)) for v in variances}
     for index, (batch, count) in enumerate(_padded_batches(data, batch_size)):
         out = _bound_terms(model_fn, sub, jnp.asarray(batch), jax.random.fold_in(rng, index), sub_gamma,
-                           variance=variance, mean_type=mean_type, clip_x0=bool(clip_x0))
-        totals.append(np.asarray(out["total"], np.float64)[:count])
-        priors.append(np.asarray(out["prior"], np.float64)[:count])
-        term_sums += np.asarray(out["terms"], np.float64)[:, :count].sum(axis=1)
-    total = np.concatenate(totals)
-    return dict(
-        mean=float(total.mean()),
-        stderr=standard_error(total),
-        num_examples=int(total.size),
-        num_steps=int(num_steps),
-        total=total,
-        prior=np.concatenate(priors),
-        terms=term_sums / total.size,
-    )
+                           variances=variances, mean_type=mean_type, clip_x0=bool(clip_x0))
+        for variance, part in parts.items():
+            part["total"].append(np.asarray(out[variance]["total"], np.float64)[:count])
+            part["prior"].append(np.asarray(out[variance]["prior"], np.float64)[:count])
+            part["term_sums"] += np.asarray(out[variance]["terms"], np.float64)[:, :count].sum(axis=1)
+    results = {}
+    for variance, part in parts.items():
+        total = np.concatenate(part["total"])
+        results[variance] = dict(mean=float(total.mean()), stderr=standard_error(total), num_examples=int(total.size),
+                                 num_steps=int(num_steps), total=total, prior=np.concatenate(part["prior"]),
+                                 terms=part["term_sums"] / total.size)
+    return results

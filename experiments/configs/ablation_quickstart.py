@@ -1,4 +1,4 @@
-"""σ_t ablation at quickstart size (minutes on 2 CPU cores): K ∈ {10, 25, 100}, 2 seeds, 300 samples."""
+"""σ_t ablation at quickstart size (minutes on 2 CPU cores): K ∈ {10, 25, 50}, 2 seeds, 300 samples."""
 
 import importlib.util
 import pathlib
@@ -16,7 +16,7 @@ def _default() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
     config = _default()
-    config.num_steps = (10, 25, 100)
+    config.num_steps = (10, 25, 50)
     config.seeds = (0, 1)
     config.sample.num_samples = 300
     config.sample.batch_size = 300
