@@ -61,7 +61,9 @@ def test_round_trip_is_exact(tmp_path):
     restored = checkpoints.restore_latest(manager, *_abstract(state))
     manager.close()
     assert restored.step == 7
-    assert restored.meta == {"step": 7, "git_commit": "abc", "config": {"x": [1, 2]}}
+    checksums = {"state": checkpoints.checksum(train.without_ema(state)),
+                 "ema_params": checkpoints.checksum(state.ema_params)}
+    assert restored.meta == {"step": 7, "git_commit": "abc", "config": {"x": [1, 2]}, "checksums": checksums}
     rebuilt = train.TrainState(ema_params=restored.ema_params, **restored.state)
     _assert_trees_equal(rebuilt, state)  # includes the optax namedtuple structure
 
