@@ -101,7 +101,8 @@ def checksum(tree: Any) -> str:
     crc = 0
     for names, leaf in sorted(((_names(path), leaf) for path, leaf in leaves), key=lambda item: item[0]):
         host = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
-        crc = zlib.crc32(np.ascontiguousarray(host).reshape(-1).view(np.uint8), zlib.crc32("/".join(names).encode(), crc))
+        crc = zlib.crc32("/".join(names).encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(host).reshape(-1).view(np.uint8), crc)
     return f"{crc:08x}"
 
 
@@ -188,10 +189,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, abstract
 
     abstract_*: jax.ShapeDtypeStruct trees (with the shardings to restore into).
     A step that fails to restore (truncated or missing files, unreadable metadata,
-    arrays that fail their checksum) is reported with logging.warning naming the step and, with move_damaged, moved
-    to workdir/damaged_checkpoints/; the next older step is tried. A readable
-    checkpoint of other shapes (the config's model changed) is not damage: it
-    raises ValueError naming the first differing array, and nothing is moved.
+    arrays that fail their checksum) is reported with logging.warning naming the
+    step and, with move_damaged, moved to workdir/damaged_checkpoints/; the next
+    older step is tried. A readable checkpoint of other shapes (the config's
+    model changed) is not damage: it raises ValueError naming the first
+    differing array, and nothing is moved.
     """
     for step in sorted(manager.all_steps(), reverse=True):
         mismatch = _first_mismatch(manager, step, {"state": abstract_state, "ema_params": abstract_ema})
