@@ -66,15 +66,25 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
             json.dump(run_metadata(config), f, indent=2)
 
 
+# Config fields added after checkpoints were first written, with the value that older
+# checkpoints were trained with: a config read back from one of them gets these.
+ADDED_FIELDS = {"training": {"ordered_allreduce": False}}
+
+
 def config_from_json(tree: dict) -> ml_collections.ConfigDict:
-    """A config dict read back from JSON, lists turned back into tuples (ch_mult, attn_resolutions)."""
+    """A config dict read back from JSON: lists turned back into tuples (ch_mult, attn_resolutions),
+    fields added since it was written filled in from ADDED_FIELDS."""
 
     def tuples(value):
         if isinstance(value, dict):
             return {k: tuples(v) for k, v in value.items()}
         return tuple(tuples(v) for v in value) if isinstance(value, list) else value
 
-    return ml_collections.ConfigDict(tuples(tree))
+    config = tuples(tree)
+    for group, fields in ADDED_FIELDS.items():
+        if isinstance(config.get(group), dict):
+            config[group] = {**fields, **config[group]}
+    return ml_collections.ConfigDict(config)
 
 
 def make_manager(workdir: str, *, max_to_keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:

@@ -5,13 +5,19 @@ inside one `jax.jit`. We use shard_map rather than pmap because pmap is in
 maintenance mode since JAX 0.8 (it is now built on shard_map), shard_map takes
 global arrays (one code path for one host or many, no replicate/unreplicate),
 and the per-device program is explicit: each device computes the gradient of
-its slice, and `lax.pmean` averages gradients and metrics over the batch axis.
+its slice, and `lax.pmean` averages gradients and metrics over the batch axis
+(or, with training.ordered_allreduce, an all-gather and a sum in device order:
+see `mean_over_devices`).
 
 Layout invariance: every random draw is per EXAMPLE, from
 fold_in(fold_in(rng, step), b) with b the example's index in the global batch,
 and the model runs under vmap over examples (so dropout masks are per example
 too). A global batch therefore gives the same update on 1 device or 8, up to
-float summation order.
+float summation order. With the same number of devices, split over 1 process
+or several, the per-device programs are the same (on CPU only with the same
+XLA thread-pool size in every process, PJRT_NPROC: it sets how loops are split
+over threads), and ordered_allreduce makes the sum over devices the same too:
+the runs are then bit-identical (tests/test_multiprocess.py).
 """
 
 from __future__ import annotations
@@ -132,12 +138,29 @@ def _where_tree(pred: Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
+def mean_over_devices(tree: Any, ordered: bool) -> Any:
+    """The mean of `tree` over the mesh axis AXIS (inside shard_map); invariant over the axis.
+
+    ordered=False: `lax.pmean`, an all-reduce whose summation order is the
+    backend's (in-memory within a process, a ring or tree over gloo/NCCL across
+    processes), so the same devices split over other processes can round
+    differently. ordered=True: all-gather every device's value and sum over
+    the gathered axis in one program, the same whatever the process layout.
+    It moves n_devices × the tree instead of reducing it in place.
+    """
+    if not ordered:
+        return jax.lax.pmean(tree, AXIS)
+    gathered = jax.lax.all_gather(tree, AXIS, to="invarying")
+    return jax.tree.map(lambda g: jnp.sum(g, axis=0) / g.shape[0], gathered)
+
+
 def train_step(state: TrainState, images: Array, rng: Array, *, model: UNet, schedule: schedules.Schedule,
                optimizer: optax.GradientTransformation, lr_fn: optax.Schedule, ema_decay: float,
-               loss_type: str, variance: str, mean_type: str) -> tuple[TrainState, dict[str, Array]]:
+               loss_type: str, variance: str, mean_type: str,
+               ordered_allreduce: bool = False) -> tuple[TrainState, dict[str, Array]]:
     """Ho Algorithm 1 on this device's slice images [b, H, W, C] of the global batch; runs under shard_map.
 
-    Gradients and metrics are averaged over the mesh axis AXIS. When the loss or
+    Gradients and metrics are averaged over the mesh axis AXIS (`mean_over_devices`). When the loss or
     the gradient's global norm is not finite, params, Adam state and EMA are kept
     (the update is skipped) and the non-finite counters grow; the step counter
     always advances, so the data position and the rng stay in step with it.
@@ -158,12 +181,11 @@ def train_step(state: TrainState, images: Array, rng: Array, *, model: UNet, sch
         return jnp.mean(terms["loss"]), terms
 
     # Differentiate w.r.t. a device-varying copy: the gradient is then this
-    # device's own, and the explicit pmean below averages it (a gradient w.r.t.
+    # device's own, and the explicit mean below averages it (a gradient w.r.t.
     # the invariant params would be summed over devices implicitly).
     local_params = jax.lax.pcast(state.params, AXIS, to="varying")
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
-    grads = jax.lax.pmean(grads, AXIS)
-    loss = jax.lax.pmean(loss, AXIS)
+    grads, loss = mean_over_devices((grads, loss), ordered_allreduce)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -179,7 +201,8 @@ def train_step(state: TrainState, images: Array, rng: Array, *, model: UNet, sch
         nonfinite_count=state.nonfinite_count + skipped,
         consecutive_nonfinite=(state.consecutive_nonfinite + 1) * skipped,
     )
-    metrics = {name: jax.lax.pmean(jnp.mean(value), AXIS) for name, value in terms.items() if name != "loss"}
+    metrics = mean_over_devices({name: jnp.mean(value) for name, value in terms.items() if name != "loss"},
+                                ordered_allreduce)
     metrics.update(loss=loss, grad_norm=grad_norm, lr=lr_fn(state.step - state.nonfinite_count),
                    skipped=skipped, nonfinite_count=new_state.nonfinite_count,
                    consecutive_nonfinite=new_state.consecutive_nonfinite)
@@ -230,12 +253,13 @@ class StepConfig(NamedTuple):
     loss_type: str
     variance: str
     mean_type: str
+    ordered_allreduce: bool
 
 
 def step_config(config: ml_collections.ConfigDict) -> StepConfig:
     t, d = config.training, config.diffusion
     return StepConfig(build_model(config), t.lr, t.warmup_steps, t.grad_clip, t.ema_decay, d.loss_type,
-                      d.variance, d.mean_type)
+                      d.variance, d.mean_type, t.ordered_allreduce)
 
 
 @functools.partial(jax.jit, static_argnames=("hyper", "mesh"), donate_argnums=(0,))
@@ -248,7 +272,8 @@ def parallel_train_step(state: TrainState, images: Array, rng: Array, schedule: 
     step = functools.partial(
         train_step, model=hyper.model, optimizer=make_optimizer(hyper.lr, hyper.warmup_steps, hyper.grad_clip),
         lr_fn=learning_rate_fn(hyper.lr, hyper.warmup_steps), ema_decay=hyper.ema_decay,
-        loss_type=hyper.loss_type, variance=hyper.variance, mean_type=hyper.mean_type)
+        loss_type=hyper.loss_type, variance=hyper.variance, mean_type=hyper.mean_type,
+        ordered_allreduce=hyper.ordered_allreduce)
     per_device = lambda st, x, key, sched: step(st, x, key, schedule=sched)
     with jax.threefry_partitionable(False):  # see THREEFRY_NOTE
         return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(), P()),

@@ -1,6 +1,7 @@
 """Training throughput: images/s and achieved FLOP/s of the train step, fp32 and bf16.
 
   python scripts/bench_train.py [--configs=cifar10,digits] [--batch_cifar10=8 --steps=3]
+  python scripts/bench_train.py --configs=digits --precisions=fp32 --allreduce=pmean,ordered --tag=allreduce
 
 For each config the jitted data-parallel step (`train.parallel_train_step`,
 all local devices) is compiled once; its FLOPs per step come from XLA's cost
@@ -8,7 +9,10 @@ analysis of the compiled program (`.compile().cost_analysis()['flops']`, per
 device, times the device count); the step is then timed over --steps steps after
 one warm-up step. The weights are random normal of the right shapes: the values
 do not change the cost. Writes benchmarks/results/bench_train_<backend>.{md,csv}
-with the machine and date. On CPU the CIFAR-10 model runs at a small batch.
+with the machine and date (…_<backend>_<tag> with --tag). On CPU the CIFAR-10
+model runs at a small batch. --allreduce compares the gradient mean of
+`train.mean_over_devices`: 'pmean' (the default all-reduce) and 'ordered'
+(training.ordered_allreduce: all-gather + sum in device order).
 
 Reference: Ho et al. 2020 (Appendix B) train the CIFAR-10 model at 21 steps/s
 with batch 128 on a TPU v3-8, i.e. 2688 images/s.
@@ -54,10 +58,11 @@ def random_state(config, mesh, seed: int = 0) -> train.TrainState:
     return train.replicate(jax.tree.map(fill, abstract), mesh)
 
 
-def bench(name: str, batch_size: int, bf16: bool, steps: int) -> dict:
+def bench(name: str, batch_size: int, bf16: bool, steps: int, ordered: bool = False) -> dict:
     config = load_config(name)
     config.training.batch_size = batch_size
     config.training.bf16 = bf16
+    config.training.ordered_allreduce = ordered
     mesh = train.make_mesh(jax.local_devices())
     state = random_state(config, mesh)
     schedule = train.replicate(train.build_schedule(config), mesh)
@@ -83,7 +88,8 @@ def bench(name: str, batch_size: int, bf16: bool, steps: int) -> dict:
     seconds = (time.perf_counter() - start) / steps
     return {"config": name, "precision": "bf16" if bf16 else "fp32",
             "params_M": round(count_params(state.params) / 1e6, 2),
-            "batch": batch_size, "devices": mesh.size, "steps_per_s": round(1 / seconds, 3),
+            "batch": batch_size, "devices": mesh.size, "allreduce": "ordered" if ordered else "pmean",
+            "steps_per_s": round(1 / seconds, 3),
             "images_per_s": round(batch_size / seconds, 1), "gflops_per_step": round(flops / 1e9, 2),
             "achieved_tflops": round(flops / seconds / 1e12, 4), "compile_s": round(compile_s, 1)}
 
@@ -95,10 +101,10 @@ def machine() -> str:
             f"{jax.device_count()} x {device.device_kind} | jax {jax.__version__}")
 
 
-def write(rows: list[dict], backend: str, note: str) -> pathlib.Path:
+def write(rows: list[dict], backend: str, note: str, tag: str = "") -> pathlib.Path:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_train_{backend}"
+    stem = out / f"bench_train_{backend}{'_' + tag if tag else ''}"
     with open(stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -118,8 +124,13 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--batch_cifar10", type=int, default=None, help="default: 128, or 8 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps; default 50, or 3 on CPU")
+    parser.add_argument("--allreduce", default="pmean", help="comma-separated: pmean, ordered")
+    parser.add_argument("--tag", default="", help="suffix of the output file name")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
+    reductions = args.allreduce.split(",")
+    if not set(reductions) <= {"pmean", "ordered"}:
+        parser.error(f"--allreduce must be pmean and/or ordered, got {args.allreduce!r}")
     backend = jax.default_backend()
     on_cpu = backend == "cpu"
     steps = args.steps or (3 if on_cpu else 50)
@@ -129,12 +140,13 @@ def main() -> None:
         if name == "cifar10":
             batch = args.batch_cifar10 or (8 if on_cpu else batch)
         for precision in args.precisions.split(","):
-            row = bench(name, batch, precision == "bf16", steps)
-            print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-            rows.append(row)
+            for allreduce in reductions:
+                row = bench(name, batch, precision == "bf16", steps, ordered=allreduce == "ordered")
+                print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                rows.append(row)
     note = args.note or (f"Timed over {steps} steps after one warm-up step; FLOPs from XLA cost analysis of the "
                          "compiled step (forward + backward + Adam + EMA).")
-    print(f"\nwrote {write(rows, backend, note)}\n{REFERENCE}")
+    print(f"\nwrote {write(rows, backend, note, args.tag)}\n{REFERENCE}")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,34 @@ def test_step_skips_nonfinite_updates_and_keeps_ema_equation():
         np.testing.assert_allclose(e_new, 0.9 * e_old.astype(np.float64) + 0.1 * p, rtol=1e-6, atol=1e-7)
 
 
+_MEAN_OVER_DEVICES = """
+import json, functools, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from ddpm_jax import train
+mesh = train.make_mesh()
+x = np.random.RandomState(0).standard_normal((8, 5, 3)).astype(np.float32) * 10.0 ** np.arange(3)
+def run(ordered):
+    f = lambda v: train.mean_over_devices({"g": v[0]}, ordered)["g"]
+    out = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(train.AXIS), out_specs=P()))(x)
+    return np.asarray(out), [np.asarray(s.data).tolist() for s in out.addressable_shards]
+(ordered, ordered_shards), (pmean, _) = run(True), run(False)
+print(json.dumps(dict(x=x.tolist(), ordered=ordered.tolist(), pmean=pmean.tolist(), shards=ordered_shards)))
+"""
+
+
+def test_mean_over_devices_ordered_and_pmean_both_average_over_eight_devices():
+    """Both reductions give the mean over devices (float64 reference) on every device; they agree to rounding."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run([sys.executable, "-c", _MEAN_OVER_DEVICES], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    reference = np.mean(np.asarray(out["x"], np.float64), axis=0)
+    for name in ("ordered", "pmean"):
+        np.testing.assert_allclose(out[name], reference, rtol=1e-6, err_msg=name)
+    assert len(out["shards"]) == 8 and all(shard == out["ordered"] for shard in out["shards"])
+
+
 # --------------------------------------------------------------------------
 # The loop.
 

@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.ema_decay = 0.9999
     config.training.dropout = 0.1
     config.training.bf16 = False  # bfloat16 UNet compute; parameters and Adam stay float32
+    # True: average gradients by an all-gather and a sum in device order instead of an all-reduce,
+    # so that the same devices split over 1 or many processes give bit-identical training (costs
+    # n_devices x the gradient's memory per device). See ddpm_jax/train.py, mean_over_devices.
+    config.training.ordered_allreduce = False
     config.training.seed = 0
     config.training.log_every = 100
     config.training.save_every = 5000
