@@ -68,7 +68,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 # Config fields added after checkpoints were first written, with the value that older
 # checkpoints were trained with: a config read back from one of them gets these.
-ADDED_FIELDS = {"training": {"ordered_allreduce": False}}
+ADDED_FIELDS = {"training": {"ordered_allreduce": False, "async_checkpointing": True}}
 
 
 def config_from_json(tree: dict) -> ml_collections.ConfigDict:

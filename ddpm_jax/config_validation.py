@@ -34,7 +34,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
                   "loss_type"),
     "training": ("batch_size", "num_train_steps", "lr", "warmup_steps", "grad_clip", "ema_decay", "dropout", "bf16",
                  "ordered_allreduce", "seed", "log_every", "save_every", "keep_checkpoints", "sample_every",
-                 "max_consecutive_nonfinite"),
+                 "max_consecutive_nonfinite", "async_checkpointing"),
     "sampling": ("num_steps", "variance", "eta", "batch", "clip_x0"),
     "eval": ("split", "batch_size", "num_batches", "num_steps"),
 }
@@ -133,6 +133,7 @@ def _check_training(cfg: ml_collections.ConfigDict, num_shards: int) -> None:
     _float("training.dropout", cfg.dropout, "a float in [0, 1)", lambda v: 0 <= v < 1)
     _bool("training.bf16", cfg.bf16)
     _bool("training.ordered_allreduce", cfg.ordered_allreduce)
+    _bool("training.async_checkpointing", cfg.async_checkpointing)
     _int("training.seed", cfg.seed, 0)
     for name in ("log_every", "save_every", "keep_checkpoints", "max_consecutive_nonfinite"):
         _int(f"training.{name}", cfg[name], 1)

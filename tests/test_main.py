@@ -122,13 +122,15 @@ def test_merged_config_keeps_the_trained_model_and_takes_the_given_sampling(trai
 
 
 def test_a_config_written_before_a_field_was_added_reads_back_valid(trained):
-    """A checkpoint's config from before training.ordered_allreduce existed gets the value it trained with."""
+    """A checkpoint's config from before a field existed gets the value it was trained with (ADDED_FIELDS)."""
     config, _ = trained
     tree = checkpoints.run_metadata(config)["config"]
-    del tree["training"]["ordered_allreduce"]
+    del tree["training"]["ordered_allreduce"], tree["training"]["async_checkpointing"]
     old = checkpoints.config_from_json(tree)
-    assert old.training.ordered_allreduce is False
-    assert main.merged_config(old, None).to_dict() == config.to_dict()
+    assert (old.training.ordered_allreduce, old.training.async_checkpointing) == (False, True)
+    expected = config.to_dict()
+    expected["training"]["async_checkpointing"] = True
+    assert main.merged_config(old, None).to_dict() == expected
     tree["training"]["ordered_allreduce"] = True  # a stored value wins over the default
     assert checkpoints.config_from_json(tree).training.ordered_allreduce is True
 
@@ -176,6 +178,7 @@ BAD_FIELDS = [
     ("training.dropout", -0.1, r"training\.dropout must be a float in \[0, 1\)"),
     ("training.bf16", 1, r"training\.bf16 must be True or False"),
     ("training.ordered_allreduce", "yes", r"training\.ordered_allreduce must be True or False"),
+    ("training.async_checkpointing", None, r"training\.async_checkpointing must be True or False"),
     ("training.max_consecutive_nonfinite", 0, r"training\.max_consecutive_nonfinite must be an int >= 1"),
     ("sampling.num_steps", 101, r"sampling\.num_steps must be an int >= 1 and <= 100"),
     ("sampling.variance", "learned_range", r"sampling\.variance must be a fixed variance"),

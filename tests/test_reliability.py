@@ -115,13 +115,16 @@ def test_sigterm_saves_the_current_step_and_resume_is_bit_identical(env, referen
 
 
 @pytest.mark.slow
-def test_sigkill_resumes_from_the_last_finished_save_and_is_bit_identical(env, reference, tmp_path):
+@pytest.mark.parametrize("async_checkpointing", [False, True], ids=["sync_saves", "async_saves"])
+def test_sigkill_resumes_from_the_last_finished_save_and_is_bit_identical(env, reference, tmp_path,
+                                                                          async_checkpointing):
     _, ref_final = reference
     rng = np.random.default_rng(SEED + 1)
     kill_step = int(rng.integers(SAVE_EVERY + 1, 25))
     workdir = tmp_path / "run"
     # keep_checkpoints=1: the old checkpoint may be deleted only once the new one is complete.
-    process = Run(_cli(workdir, **{"training.keep_checkpoints": 1}), env, tmp_path / "first.log")
+    fields = {"training.keep_checkpoints": 1, "training.async_checkpointing": async_checkpointing}
+    process = Run(_cli(workdir, **fields), env, tmp_path / "first.log")
     try:
         wait_for_step(process, workdir, kill_step)
         time.sleep(rng.uniform(0.0, 0.03))
@@ -135,20 +138,24 @@ def test_sigkill_resumes_from_the_last_finished_save_and_is_bit_identical(env, r
     in_flight = tmp_dirs(workdir)
     assert saved, "a SIGKILL must never leave the run without a finished checkpoint"
     newest = max(saved)
-    # A save waits for the previous one to finish before it starts, and the step is logged before
-    # its save: so at the kill at most one save is being written and one more is waiting for it.
-    last_started = logged - logged % SAVE_EVERY
-    assert last_started - 2 * SAVE_EVERY <= newest <= logged
+    if async_checkpointing:
+        # A save waits for the previous one to finish before it starts, and the step is logged before
+        # its save: so at the kill at most one save is being written and one more is waiting for it.
+        last_started = logged - logged % SAVE_EVERY
+        assert last_started - 2 * SAVE_EVERY <= newest <= logged
+    else:
+        # Each save is committed before the next step: at most one interval is recomputed.
+        assert logged - SAVE_EVERY <= newest <= logged
     assert all(int(name.split(".")[0]) > newest for name in in_flight)
 
     rows_before = len(logged_steps(workdir))
-    code, out = run(_cli(workdir, **{"training.keep_checkpoints": 1}), env, tmp_path / "resumed.log")
+    code, out = run(_cli(workdir, **fields), env, tmp_path / "resumed.log")
     assert code == 0, out[-3000:]
     assert logged_steps(workdir)[rows_before] == newest + 1
     assert_same_bits(load_checkpoint(workdir, NUM_STEPS), ref_final)
-    FIGURES["sigkill"] = {"kill_step": kill_step, "last_logged_step": logged, "resumed_from": newest,
-                          "steps_recomputed": logged - newest, "save_in_flight_at_kill": in_flight,
-                          "final_params": "bit-identical"}
+    FIGURES[f"sigkill {'async' if async_checkpointing else 'sync'} saves"] = {
+        "kill_step": kill_step, "last_logged_step": logged, "resumed_from": newest,
+        "steps_recomputed": logged - newest, "save_in_flight_at_kill": in_flight, "final_params": "bit-identical"}
 
 
 # --------------------------------------------------------------------------

@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.log_every = 100
     config.training.save_every = 5000
     config.training.keep_checkpoints = 3
+    # False: training waits until each save is committed, so a crash (SIGKILL, power loss) recomputes
+    # at most save_every steps. True: saves are written while training goes on (no pause), and a crash
+    # may recompute up to about 2 x save_every + the steps one save takes.
+    config.training.async_checkpointing = False
     config.training.sample_every = 50_000  # 0: never
     config.training.max_consecutive_nonfinite = 10
 
