@@ -406,8 +406,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if step % t.save_every == 0 or last:
                     _check_finite(metrics, step, t.max_consecutive_nonfinite, manager)
                     _save(manager, state, step, meta)
-                    if not t.async_checkpointing:  # committed before the next step: a crash loses < save_every
-                        manager.wait_until_finished()
+                    if not t.async_checkpointing:
+                        manager.wait_until_finished()  # committed first: a crash recomputes <= save_every steps
                 if t.sample_every and step % t.sample_every == 0 and jax.process_index() == 0:
                     _sample_grid(config, state, sample_rng, step, workdir, writer)
     finally:
