@@ -87,10 +87,15 @@ def config_from_json(tree: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config)
 
 
-def make_manager(workdir: str, *, max_to_keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
-    """An async CheckpointManager for workdir/checkpoints keeping the newest `max_to_keep` steps."""
+def make_manager(workdir: str, *, max_to_keep: int | None = None, read_only: bool = False,
+                 asynchronous: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager for workdir/checkpoints keeping the newest `max_to_keep` steps.
+
+    asynchronous=True: `save` returns while the step is written in the background;
+    False: `save` returns once the step is committed.
+    """
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-                                           enable_async_checkpointing=not read_only,
+                                           enable_async_checkpointing=asynchronous and not read_only,
                                            # a crashed save's <step>.orbax-checkpoint-tmp-* would otherwise
                                            # confuse keep-N into deleting it instead of checkpoint <step>
                                            cleanup_tmp_directories=not read_only)
@@ -117,7 +122,7 @@ def checksum(tree: Any) -> str:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, ema_params: Any, meta: dict[str, Any]) -> None:
-    """Starts an async save of step `step`; every process must call it (Orbax coordinates the hosts).
+    """Saves step `step` (in the background with an asynchronous manager); every process must call it.
 
     state, ema_params: pytrees of jax.Arrays (replicated over the mesh: Orbax writes one copy).
     Their checksums go into meta (this waits for the arrays and reads them to the host).

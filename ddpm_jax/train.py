@@ -362,7 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(t.seed), 3)
     train_rng = replicate(train_rng, mesh)
     abstract = abstract_replicated(jax.eval_shape(functools.partial(create_train_state, config), init_rng), mesh)
-    manager = checkpoints.make_manager(workdir, max_to_keep=t.keep_checkpoints)
+    # Synchronous saves (the default) are committed before the next step: a crash recomputes <= save_every steps.
+    manager = checkpoints.make_manager(workdir, max_to_keep=t.keep_checkpoints, asynchronous=t.async_checkpointing)
     restored = checkpoints.restore_latest(manager, without_ema(abstract), abstract.ema_params)
     if restored is None:
         state = replicate(jax.device_get(create_train_state(config, init_rng)), mesh)
@@ -406,8 +407,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if step % t.save_every == 0 or last:
                     _check_finite(metrics, step, t.max_consecutive_nonfinite, manager)
                     _save(manager, state, step, meta)
-                    if not t.async_checkpointing:
-                        manager.wait_until_finished()  # committed first: a crash recomputes <= save_every steps
                 if t.sample_every and step % t.sample_every == 0 and jax.process_index() == 0:
                     _sample_grid(config, state, sample_rng, step, workdir, writer)
     finally:

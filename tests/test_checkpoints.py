@@ -76,6 +76,19 @@ def test_keeps_the_newest_n(tmp_path):
     manager.close()
 
 
+def test_a_synchronous_save_is_committed_when_it_returns(tmp_path):
+    """asynchronous=False (training's default): no wait needed, the step is finished and restorable."""
+    state = _state(seed=5, step=3)
+    manager = checkpoints.make_manager(str(tmp_path), max_to_keep=2, asynchronous=False)
+    checkpoints.save(manager, 3, train.without_ema(state), state.ema_params, {})
+    assert not glob.glob(os.path.join(tmp_path, checkpoints.CHECKPOINT_DIR, "*.orbax-checkpoint-tmp*"))
+    reader = checkpoints.make_manager(str(tmp_path), read_only=True)
+    assert list(reader.all_steps()) == [3]
+    _assert_trees_equal(checkpoints.restore_latest(reader, *_abstract(state)).state["params"], state.params)
+    manager.close()
+    reader.close()
+
+
 def _biggest_file(step_dir: str, item: str = "state") -> str:
     """The largest file of an item: the one holding the kernel's bytes."""
     files = [f for f in glob.glob(os.path.join(step_dir, item, "**", "*"), recursive=True) if os.path.isfile(f)]

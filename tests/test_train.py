@@ -112,7 +112,7 @@ def test_step_skips_nonfinite_updates_and_keeps_ema_equation():
 
 
 _MEAN_OVER_DEVICES = """
-import json, functools, jax, jax.numpy as jnp, numpy as np
+import json, jax, numpy as np
 from jax.sharding import PartitionSpec as P
 from ddpm_jax import train
 mesh = train.make_mesh()
