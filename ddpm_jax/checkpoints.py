@@ -198,18 +198,25 @@ def _first_mismatch(manager: ocp.CheckpointManager, step: int, targets: dict[str
     return None
 
 
+class AllCheckpointsDamaged(RuntimeError):
+    """Every checkpoint of a workdir failed to restore; they are left in place."""
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, abstract_ema: Any, *,
-                   move_damaged: bool = True) -> Restored | None:
+                   move_damaged: bool = True, fresh_start_if_damaged: bool = False) -> Restored | None:
     """The newest checkpoint that restores completely, or None when there is none.
 
     abstract_*: jax.ShapeDtypeStruct trees (with the shardings to restore into).
     A step that fails to restore (truncated or missing files, unreadable metadata,
     arrays that fail their checksum) is reported with logging.warning naming the
-    step and, with move_damaged, moved to workdir/damaged_checkpoints/; the next
-    older step is tried. A readable checkpoint of other shapes (the config's
-    model changed) is not damage: it raises ValueError naming the first
-    differing array, and nothing is moved.
+    step and the next older step is tried; once one restores, the damaged ones are
+    (with move_damaged) moved to workdir/damaged_checkpoints/. When every step is
+    damaged, AllCheckpointsDamaged is raised naming them, and nothing is moved,
+    unless fresh_start_if_damaged: then they are moved aside and None is returned.
+    A readable checkpoint of other shapes (the config's model changed) is not
+    damage: it raises ValueError naming the first differing array, and nothing is moved.
     """
+    damaged = []
     for step in sorted(manager.all_steps(), reverse=True):
         mismatch = _first_mismatch(manager, step, {"state": abstract_state, "ema_params": abstract_ema})
         if mismatch is not None:
@@ -229,11 +236,25 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, abstract
             logging.warning("Checkpoint step %d in %s is damaged and cannot be restored (%s: %s); "
                             "falling back to the next older checkpoint.", step, manager.directory,
                             type(err).__name__, str(err).splitlines()[0][:300])
-            if move_damaged:
-                _move_aside(manager, step)
+            damaged.append(step)
             continue
+        _move_all_aside(manager, damaged, move_damaged)
         return Restored(step, restored["state"], restored["ema_params"], dict(restored["meta"]))
+    if damaged and not fresh_start_if_damaged:
+        raise AllCheckpointsDamaged(
+            f"every checkpoint in {manager.directory} is damaged (steps {damaged}; the warnings above say how), so "
+            "there is nothing to resume. They are left in place. Rerun with --fresh_start_if_damaged "
+            f"(train_and_evaluate(..., fresh_start_if_damaged=True)) to move them to "
+            f"{os.path.join(os.path.dirname(str(manager.directory)), DAMAGED_DIR)} and train from step 0.")
+    _move_all_aside(manager, damaged, move_damaged)
     return None
+
+
+def _move_all_aside(manager: ocp.CheckpointManager, steps: list[int], move: bool) -> None:
+    for step in steps if move else ():
+        logging.warning("Moving damaged checkpoint step %d to %s.", step,
+                        os.path.join(os.path.dirname(str(manager.directory)), DAMAGED_DIR))
+        _move_aside(manager, step)
 
 
 def _single_device_target(metadata_tree: Any) -> Any:

@@ -2,7 +2,7 @@
 
 `validate_config(config)` raises ONE ValueError naming the first bad field by
 its dotted path ("training.batch_size") and what is allowed. The allowed
-fields are the table `FIELDS` below: a key that is not in it (a typo such as
+fields are `FIELDS`, read from experiments/configs/default.py: a key that is not in it (a typo such as
 `training.warmup`) or missing from the config is an error too. Checks owned by
 other modules are delegated to them (the β range to `schedules.get_schedule`,
 the UNet geometry to `models.check_unet_config`, the dataset to
@@ -18,26 +18,30 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from ddpm_jax import data, diffusion, losses, schedules
+from ddpm_jax import data, diffusion, from_config, losses, schedules, variances
 from ddpm_jax.models import check_unet_config
 
-# Sampling-time σ choices the CLI sampler can run without extra statistics;
-# 'analytic' needs Γ_t estimates (evaluation.nll) and is the σ-ablation's job.
-SAMPLING_VARIANCES = tuple(v for v in diffusion.VARIANCES if v != "analytic")
-TRAINING_VARIANCES = SAMPLING_VARIANCES
 
-# group -> field names. The per-field checks live in `_check_*` below.
-FIELDS: dict[str, tuple[str, ...]] = {
-    "data": ("dataset", "image_size", "random_flip", "data_dir", "worker_count"),
-    "model": ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_groups", "resamp_with_conv"),
-    "diffusion": ("schedule", "num_timesteps", "schedule_kwargs", "zero_terminal_snr", "variance", "mean_type",
-                  "loss_type"),
-    "training": ("batch_size", "num_train_steps", "lr", "warmup_steps", "grad_clip", "ema_decay", "dropout", "bf16",
-                 "ordered_allreduce", "seed", "log_every", "save_every", "keep_checkpoints", "sample_every",
-                 "max_consecutive_nonfinite", "async_checkpointing"),
-    "sampling": ("num_steps", "variance", "eta", "batch", "clip_x0"),
-    "eval": ("split", "batch_size", "num_batches", "num_steps"),
-}
+
+def schema() -> dict[str, tuple[str, ...]]:
+    """group -> field names, read from the one schema, experiments/configs/default.py (`from_config.default_config`).
+    The per-field checks live in `_check_*` below."""
+    default = from_config.default_config()
+    return {group: tuple(default[group].keys()) for group in default.keys()}
+
+
+FIELDS: dict[str, tuple[str, ...]] = schema()
+
+
+def _cli_variances(trained: variances.Variance) -> list[str]:
+    """σ names the CLI sampler can run on a model trained with `trained`: no data statistic to estimate (the
+    σ-ablation estimates those), σ² from the network only when the model outputs it."""
+    return [name for name, v in variances.VARIANCES.items()
+            if not v.needs and (not v.from_network or trained.from_network)]
+
+
+def _trainable_variances() -> list[str]:
+    return [name for name, v in variances.VARIANCES.items() if not v.needs]
 
 
 def _fail(path: str, allowed: str, value: Any) -> None:
@@ -110,10 +114,8 @@ def _check_diffusion(cfg: ml_collections.ConfigDict) -> None:
     paths = {k: f"diffusion.schedule_kwargs.{k}" for k in kwargs} | {"num_timesteps": "diffusion.num_timesteps"}
     _delegate("diffusion.schedule_kwargs", paths, lambda: schedules.get_schedule(
         cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr, **kwargs))
-    if cfg.variance == "analytic":
-        _fail("diffusion.variance", f"one of {list(TRAINING_VARIANCES)} (the analytic σ_t is a sampling-time "
-              "choice for a model trained with a fixed variance)", cfg.variance)
-    _choice("diffusion.variance", cfg.variance, TRAINING_VARIANCES)
+    # A σ that needs a data statistic (analytic) is a sampling-time choice for a model trained with another.
+    _choice("diffusion.variance", cfg.variance, tuple(_trainable_variances()))
     _choice("diffusion.mean_type", cfg.mean_type, diffusion.MEAN_TYPES)
     _choice("diffusion.loss_type", cfg.loss_type, losses.LOSS_TYPES)
     _delegate("diffusion", {"loss_type": "diffusion.loss_type"},
@@ -147,11 +149,10 @@ def _check_steps(path: str, value: Any, num_timesteps: int) -> None:
 
 def _check_sampling(cfg: ml_collections.ConfigDict, trained_variance: str, num_timesteps: int) -> None:
     _check_steps("sampling.num_steps", cfg.num_steps, num_timesteps)
-    _choice("sampling.variance", cfg.variance, SAMPLING_VARIANCES)
-    learned = diffusion.LEARNED_VARIANCES
-    if cfg.variance in learned and trained_variance not in learned:
-        _fail("sampling.variance", f"a fixed variance for a model trained with diffusion.variance="
-              f"{trained_variance!r} (it has no variance output), one of {['fixed_small', 'fixed_large']}",
+    allowed = _cli_variances(variances.get(trained_variance))
+    if cfg.variance not in allowed:
+        _fail("sampling.variance", f"one of {allowed} for a model trained with diffusion.variance={trained_variance!r} "
+              "(σ choices that need a data statistic, such as 'analytic', run in experiments/sigma_ablation)",
               cfg.variance)
     if cfg.eta is not None:
         _float("sampling.eta", cfg.eta, "None (ancestral sampling) or a float in [0, 1] (DDIM)", lambda v: 0 <= v <= 1)
@@ -190,19 +191,17 @@ def validate_config(config: ml_collections.ConfigDict, *, process_count: int | N
             _fail(f"model.{name}", "a tuple of ints", value)
     paths = {k: f"model.{k}" for k in FIELDS["model"]} | {"image_size": "data.image_size"}
     _delegate("model", paths, lambda: check_unet_config(
-        image_shape(config)[0], m.ch, tuple(m.ch_mult), tuple(m.attn_resolutions), m.num_groups,
-        num_res_blocks=m.num_res_blocks, out_channels=out_channels(config)))
+        from_config.image_shape(config)[0], m.ch, tuple(m.ch_mult), tuple(m.attn_resolutions), m.num_groups,
+        num_res_blocks=m.num_res_blocks, out_channels=from_config.out_channels(config)))
     _bool("model.resamp_with_conv", m.resamp_with_conv)
     _check_sampling(config.sampling, config.diffusion.variance, config.diffusion.num_timesteps)
+    if config.training.sample_every:  # the training loop's sample grids use every local device
+        check_sampling_batch(config.sampling.batch, local_device_count)
     _check_eval(config.eval, config.data.dataset, config.diffusion.num_timesteps)
 
 
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    """[H, W, C] of one training image."""
-    return data.image_shape(config.data.dataset, config.data.image_size)
-
-
-def out_channels(config: ml_collections.ConfigDict) -> int:
-    """C for ε (or x_0, v) alone; 2C when the variance is learned (N&D §3.1)."""
-    learned = config.diffusion.variance in diffusion.LEARNED_VARIANCES
-    return image_shape(config)[-1] * (2 if learned else 1)
+def check_sampling_batch(batch: int, local_device_count: int) -> None:
+    """The sampler splits sampling.batch evenly over the local devices."""
+    if batch % local_device_count:
+        _fail("sampling.batch", f"a multiple of the local device count {local_device_count} (samples are split "
+              "evenly over the devices)", batch)

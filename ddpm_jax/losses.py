@@ -9,13 +9,13 @@ All per-example terms are returned in bits per dimension.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, schedules, variances
 from ddpm_jax.schedules import Schedule
 
 Array = jax.Array
@@ -84,17 +84,16 @@ LOSS_TYPES = ("simple", "hybrid", "vlb")
 HYBRID_LAMBDA = 0.001  # N&D §3.1
 
 
-def validate_loss_type(loss_type: str, variance: str) -> None:
+def validate_loss_type(loss_type: str, variance) -> variances.Variance:
+    """The σ record of `variance`, after checking that loss_type can train it (L_vlb/L_hybrid need σ from the network)."""
     if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not isinstance(variance, str) or variance not in diffusion.VARIANCES:
-        raise ValueError(f"variance must be one of {sorted(diffusion.VARIANCES)}, got {variance!r}")
-    learned = variance in diffusion.LEARNED_VARIANCES
-    if loss_type != "simple" and not learned:
-        raise ValueError(
-            f"loss_type={loss_type!r} trains the variance, so variance must be one of "
-            f"{diffusion.LEARNED_VARIANCES}, got {variance!r}"
-        )
+    record = variances.get(variance)
+    if loss_type != "simple" and not record.from_network:
+        learned = sorted(name for name, v in variances.VARIANCES.items() if v.from_network)
+        raise ValueError(f"loss_type={loss_type!r} trains the variance, so variance must be one whose σ² the "
+                         f"network outputs, one of {learned}, got {record.name!r}")
+    return record
 
 
 def training_losses(
@@ -105,7 +104,7 @@ def training_losses(
     noise: Array,
     *,
     loss_type: str = "simple",
-    variance: str = "fixed_small",
+    variance: str | variances.Variance = "fixed_small",
     mean_type: str = "eps",
 ) -> dict[str, Array]:
     """Per-example losses [B] for x_t = q_sample(x0, t, noise) and the network output at (x_t, t).
@@ -114,9 +113,9 @@ def training_losses(
     vlb:    T·L_t (an unbiased estimate of L_vlb for uniform t).
     hybrid: L_simple + λ·T·L_t with λ = 0.001 and stop-gradient on the mean in L_t (N&D eq. 16).
     """
-    validate_loss_type(loss_type, variance)
+    record = validate_loss_type(loss_type, variance)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
-    mean_out, var_out = diffusion.split_model_output(model_output, variance)
+    mean_out, var_out = diffusion.split_model_output(model_output, record.from_network)
     target = {"eps": noise, "x0": x0, "v": diffusion.x0_eps_to_v(schedule, x0, t, noise)}[mean_type]
     mse = mean_flat((target - mean_out) ** 2)
     terms = {"mse": mse}
@@ -124,59 +123,37 @@ def training_losses(
         terms["loss"] = mse
         return terms
     frozen = mean_out if loss_type == "vlb" else jax.lax.stop_gradient(mean_out)
-    frozen_output = jnp.concatenate([frozen, var_out], axis=-1)
-    p_out = diffusion.p_mean_variance(schedule, frozen_output, x_t, t, variance=variance, mean_type=mean_type)
+    log_var = record.network(schedule, var_out, t)
+    p_out = diffusion.p_mean_variance(schedule, frozen, x_t, t, log_var, mean_type=mean_type)
     vb = vb_terms_bpd(schedule, p_out, x0, x_t, t) * schedule.num_timesteps
     terms["vb"] = vb
     terms["loss"] = vb if loss_type == "vlb" else mse + HYBRID_LAMBDA * vb
     return terms
 
 
-def bpd_terms(
+# --------------------------------------------------------------------------
+# The whole bound (Ho eq. 5) on a (sub-)chain.
+
+
+def bound_terms(
     model_fn: Callable[[Array, Array], Array],
     schedule: Schedule,
     x0: Array,
     rng: Array,
+    log_variances: Sequence[Array | None],
     *,
-    variance: str = "fixed_small",
+    networks: Sequence[variances.NetworkFn | None],
     mean_type: str = "eps",
     clip_x0: bool = False,
-    gamma: Array | None = None,
-) -> dict[str, Array]:
-    """The whole variational bound (Ho eq. 5) in bits/dim for each example, on the chain `schedule`.
+) -> list[dict[str, Array]]:
+    """The bound of several resolved σ choices from ONE network call per step: [dict(total, prior, terms, mse)].
 
-    `schedule` may be a respaced K-step sub-chain (its first step must be the
-    original t = 0 so L_0 is the decoder on the data); model_fn(x_t, t) is
-    called with the original step indices `schedule.timesteps`. One lax.scan
-    over the K steps; a fresh x_t ~ q(x_t|x_0) per step. Returns
-    dict(total [B], prior [B], terms [K, B], mse [K, B]).
+    log_variances[j]: choice j's log σ² [K] on `schedule` (None when networks[j] reads σ² from
+    the network's extra C channels). Every choice sees the same x_t draws (a paired comparison)
+    and the cost is that of one. One lax.scan over the K steps, a fresh x_t ~ q(x_t|x_0) per step;
+    model_fn is called with the original step indices `schedule.timesteps`. Jit-able; callers
+    validate (`bpd_terms`, `evaluation.nll`).
     """
-    return bpd_terms_by_variance(model_fn, schedule, x0, rng, variances=(variance,), mean_type=mean_type,
-                                 clip_x0=clip_x0, gamma=gamma)[variance]
-
-
-def bpd_terms_by_variance(
-    model_fn: Callable[[Array, Array], Array],
-    schedule: Schedule,
-    x0: Array,
-    rng: Array,
-    *,
-    variances: tuple[str, ...],
-    mean_type: str = "eps",
-    clip_x0: bool = False,
-    gamma: Array | None = None,
-) -> dict[str, dict[str, Array]]:
-    """`bpd_terms` for several σ choices from ONE network call per step: {variance: dict(total, prior, terms, mse)}.
-
-    Every choice sees the same x_t draws (a paired comparison) and the cost is
-    that of one. model_fn returns C channels, or 2C for a learned variance; the
-    fixed choices use the first C.
-    """
-    if not variances or len(set(variances)) != len(variances):
-        raise ValueError(f"variances must be distinct names, at least one, got {variances!r}")
-    for variance in variances:
-        diffusion.validate_variance(variance, gamma)
-    num_steps = schedule.num_timesteps
     batch, channels = x0.shape[0], x0.shape[-1]
 
     def one_step(_, inputs):
@@ -185,16 +162,84 @@ def bpd_terms_by_variance(
         noise = jax.random.normal(key, x0.shape, x0.dtype)
         x_t = diffusion.q_sample(schedule, x0, t, noise)
         output = model_fn(x_t, jnp.take(schedule.timesteps, t))
-        out = {}
-        for variance in variances:
-            own = output if variance in diffusion.LEARNED_VARIANCES else output[..., :channels]
-            p_out = diffusion.p_mean_variance(schedule, own, x_t, t, variance=variance, mean_type=mean_type,
-                                              clip_x0=clip_x0, gamma=gamma)
-            out[variance] = (vb_terms_bpd(schedule, p_out, x0, x_t, t), mean_flat((p_out["pred_eps"] - noise) ** 2))
+        out = []
+        for log_variance, network in zip(log_variances, networks):
+            var_out = output[..., channels:] if network is not None else None
+            log_var = variances.batch_log_variance(network, log_variance, schedule, var_out, t, x0.shape)
+            p_out = diffusion.p_mean_variance(schedule, output[..., :channels], x_t, t, log_var,
+                                              mean_type=mean_type, clip_x0=clip_x0)
+            out.append((vb_terms_bpd(schedule, p_out, x0, x_t, t), mean_flat((p_out["pred_eps"] - noise) ** 2)))
         return None, out
 
-    keys = jax.random.split(rng, num_steps)
-    _, out = jax.lax.scan(one_step, None, (jnp.arange(num_steps), keys))
+    keys = jax.random.split(rng, schedule.num_timesteps)
+    _, out = jax.lax.scan(one_step, None, (jnp.arange(schedule.num_timesteps), keys))
     prior = prior_bpd(schedule, x0)
-    return {variance: dict(total=jnp.sum(terms, axis=0) + prior, prior=prior, terms=terms, mse=mse)
-            for variance, (terms, mse) in out.items()}
+    return [dict(total=jnp.sum(terms, axis=0) + prior, prior=prior, terms=terms, mse=mse) for terms, mse in out]
+
+
+def check_bound_inputs(model_fn, schedule: Schedule, x0, choices: Sequence[variances.Resolved]) -> None:
+    """One ValueError naming the argument, before anything is traced: x0 [B, ...] in [−1, 1], a chain that
+    starts at the data (step 0), and a model output of x0's shape with C channels (2C when σ² comes
+    from the network)."""
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a ddpm_jax.schedules.Schedule, got {type(schedule).__name__}")
+    if int(np.asarray(schedule.timesteps)[0]) != 0:
+        raise ValueError("schedule must start at step 0 (its L_0 is the decoder on the data): a sub-chain must keep "
+                         f"t = 0, got timesteps starting {np.asarray(schedule.timesteps)[:3].tolist()}")
+    shape = np.shape(x0)
+    if len(shape) < 2 or shape[0] < 1:
+        raise ValueError(f"x0 must have shape [B, ...] with B >= 1, got {shape}")
+    if not isinstance(x0, jax.core.Tracer):
+        values = np.asarray(x0)
+        if not np.all(np.isfinite(values)) or values.min() < -1.0 or values.max() > 1.0:
+            raise ValueError("x0 must be finite and lie in [-1, 1] (data scaled as in Ho et al. §3.3)")
+    learned = any(c.network is not None for c in choices)
+    t = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+    out = jax.eval_shape(model_fn, jax.ShapeDtypeStruct(shape, jnp.float32), t).shape
+    allowed = [(*shape[:-1], 2 * shape[-1])] if learned else [shape, (*shape[:-1], 2 * shape[-1])]
+    if out not in allowed:
+        raise ValueError(f"model_fn output must have shape {allowed[0]} for x0 of shape {shape} (2C channels when "
+                         f"σ² comes from the network; a fixed σ reads the first C), got {out}")
+
+
+def bpd_terms(
+    model_fn: Callable[[Array, Array], Array],
+    schedule: Schedule,
+    x0: Array,
+    rng: Array,
+    *,
+    variance: str | variances.Variance = "fixed_small",
+    stats: Mapping[str, np.ndarray] | None = None,
+    decoder: str | None = None,
+    num_steps: int | None = None,
+    spacing: str = "even",
+    steps: Sequence[int] | None = None,
+    mean_type: str = "eps",
+    clip_x0: bool = False,
+) -> dict[str, Array]:
+    """The whole variational bound (Ho eq. 5) in bits/dim for each example of x0 [B, ...] in [−1, 1].
+
+    schedule: the full chain, run on the sub-chain kept_steps(T, num_steps, spacing, steps); or,
+    with none of those given, the chain itself (a respaced schedule must start at step 0, so its
+    L_0 is the decoder on the data). variance/stats/decoder as in `sampling.sample`.
+    Returns dict(total [B], prior [B], terms [K, B], mse [K, B]). Eager: validates first.
+    """
+    if num_steps is not None or steps is not None:
+        kept = schedules.kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
+        sub, c = schedules.respace(schedule, kept), variances.chain(schedule, kept)
+    else:
+        sub, c = schedule, variances.chain(schedule)
+    resolved = variances.resolve(variance, c, stats, decoder=decoder, for_bound=True)
+    check_has_bound(resolved.record)
+    check_bound_inputs(model_fn, sub, x0, (resolved,))
+    return bound_terms(model_fn, sub, x0, rng, (_as_array(resolved.log_variance),), networks=(resolved.network,),
+                       mean_type=mean_type, clip_x0=clip_x0)[0]
+
+
+def check_has_bound(record: variances.Variance) -> None:
+    if not record.has_bound:
+        raise ValueError(f"variance {record.name!r} has no Gaussian bound here: {record.bound_note}")
+
+
+def _as_array(values: np.ndarray | None) -> Array | None:
+    return None if values is None else jnp.asarray(values)

@@ -1,7 +1,8 @@
 """The reverse chain x_T → x_0 under one `lax.scan`: ancestral, respaced and DDIM.
 
-Ancestral sampling is Ho et al. 2020, Algorithm 2, with any σ_t of
-`diffusion.VARIANCES`; a K-step sub-chain is `schedules.respace` (Nichol &
+Ancestral sampling is Ho et al. 2020, Algorithm 2, with any σ_t record of
+`ddpm_jax.variances` (resolved once, on the host, into a float32 [K] array or
+"from the network"); a K-step sub-chain is `schedules.respace` (Nichol &
 Dhariwal 2021, §4); DDIM is Song et al. 2021, eq. 12 with σ_t(η) of eq. 16.
 
 Randomness (the key layout is part of the contract, tests rebuild it):
@@ -13,10 +14,11 @@ where b is the example's index in the GLOBAL batch and i the step of the
 device or eight, and ancestral and DDIM paths share the same z.
 
 Compilation: `_run_chunk` is jitted once per static configuration (model
-function, per-device shape, chunk length, variance, mean type, DDIM or not,
-clip_x0, trajectory, mesh). The schedule, Γ, η, the keys, the step indices and
+function, per-device shape, chunk length, the record's network function (if the
+network outputs σ), mean type, DDIM or not, clip_x0, trajectory, mesh). The
+schedule, the σ² arrays, the keys, the step indices and
 the bound arguments of a `jax.tree_util.Partial` model are traced, so a new
-schedule of the same length, a new η or new weights reuse the program.
+schedule of the same length, a new σ_t choice or new weights reuse the program.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
-from ddpm_jax import diffusion
-from ddpm_jax.schedules import SPACINGS, Schedule, respace, space_timesteps, validate_steps
+from ddpm_jax import diffusion, variances
+from ddpm_jax.schedules import SPACINGS, Schedule, kept_steps, respace
 
 Array = jax.Array
 AXIS = "batch"  # the one mesh axis: the batch is split over devices, nothing else is
@@ -45,7 +47,7 @@ class _Config(NamedTuple):
     """What changes the compiled program (static); everything else is traced."""
 
     example_shape: tuple[int, ...]
-    variance: str
+    network: variances.NetworkFn | None  # the record's, when the network outputs σ² (2C channels)
     mean_type: str
     ddim: bool
     clip_x0: bool
@@ -66,46 +68,42 @@ def _not_last(i: Array) -> Array:
     return (i > 0).astype(jnp.float32)
 
 
-def ancestral_step(schedule: Schedule, output: Array, x_t: Array, i: Array, z: Array, *,
-                   variance: str, mean_type: str, clip_x0: bool, gamma: Array | None) -> Array:
+def ancestral_step(schedule: Schedule, output: Array, x_t: Array, i: Array, z: Array, log_variance: Array | None, *,
+                   network: variances.NetworkFn | None, mean_type: str, clip_x0: bool) -> Array:
     """Ho Algorithm 2, line 4: x_{t−1} = μ_θ(x_t, t) + σ_t z, with z = 0 at the last step.
 
     For ε-prediction μ_θ = (x_t − β_t/√(1 − ᾱ_t) ε_θ)/√α_t (Ho eq. 11). i is the
-    scalar step of `schedule`; x_t, z are [B, ...]; output is the model's.
+    scalar step of `schedule`; x_t, z are [B, ...]; output is the model's;
+    log_variance [K] is the resolved log σ² (None when `network` reads it from output).
     """
     chex.assert_equal_shape([x_t, z])
     t = jnp.full(x_t.shape[:1], i, jnp.int32)
-    p = diffusion.p_mean_variance(schedule, output, x_t, t, variance=variance, mean_type=mean_type,
-                                  clip_x0=clip_x0, gamma=gamma)
+    mean_out, var_out = diffusion.split_model_output(output, network is not None)
+    log_var = variances.batch_log_variance(network, log_variance, schedule, var_out, t, x_t.shape)
+    p = diffusion.p_mean_variance(schedule, mean_out, x_t, t, log_var, mean_type=mean_type, clip_x0=clip_x0)
     return p["mean"] + _not_last(i) * jnp.exp(0.5 * p["log_variance"]) * z
 
 
-def ddim_variance(schedule: Schedule, eta: Array) -> Array:
-    """Song et al. 2021, eq. 16: σ_t(η)² = η² (1 − ᾱ_{t−1})/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_{t−1}), [K].
-
-    That is η² β̃_t, read from β̃_t, which the schedule computes in float64: 1 − ᾱ_t/ᾱ_{t−1} in
-    float32 would lose three digits for β_t ≈ 1e-4.
-    """
-    return eta**2 * schedule.posterior_variance
-
-
-def ddim_step(schedule: Schedule, output: Array, x_t: Array, i: Array, z: Array, eta: Array, *,
+def ddim_step(schedule: Schedule, output: Array, x_t: Array, i: Array, z: Array, sigma2: Array, *,
               mean_type: str, clip_x0: bool) -> Array:
     """Song et al. 2021, eq. 12: x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂ + σ_t z.
 
-    At the last step ᾱ_{t−1} = 1 and σ = 0, so the sample is x̂_0. With η = 1 on
-    the full chain this is ancestral sampling with σ_t² = β̃_t.
+    sigma2 [K]: σ_t(η)² = η² β̃_t (eq. 16, `variances.ddim`). At the last step
+    ᾱ_{t−1} = 1 and σ = 0, so the sample is x̂_0. With η = 1 on the full chain this
+    is ancestral sampling with σ_t² = β̃_t.
     """
     chex.assert_equal_shape([x_t, z])
     t = jnp.full(x_t.shape[:1], i, jnp.int32)
-    p = diffusion.p_mean_variance(schedule, output, x_t, t, variance="fixed_small", mean_type=mean_type,
-                                  clip_x0=clip_x0)
+    pred_x0, pred_eps = diffusion.predict_x0_eps(schedule, x_t, t, output, mean_type)
+    if clip_x0:
+        pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+        pred_eps = diffusion.x0_to_eps(schedule, x_t, t, pred_x0)
     # 1 − ᾱ_{t−1} from the float64-derived √(1 − ᾱ), not from 1 − (ᾱ in float32).
     one_minus_ac_prev = jnp.concatenate([jnp.zeros(1), schedule.sqrt_one_minus_alphas_cumprod[:-1] ** 2])
-    sigma2 = diffusion.extract(ddim_variance(schedule, eta), t, x_t.shape)
+    sigma2 = diffusion.extract(sigma2, t, x_t.shape)
     x0_coef = diffusion.extract(jnp.sqrt(schedule.alphas_cumprod_prev), t, x_t.shape)
     eps_coef = jnp.sqrt(jnp.maximum(diffusion.extract(one_minus_ac_prev, t, x_t.shape) - sigma2, 0.0))
-    return x0_coef * p["pred_x0"] + eps_coef * p["pred_eps"] + _not_last(i) * jnp.sqrt(sigma2) * z
+    return x0_coef * pred_x0 + eps_coef * pred_eps + _not_last(i) * jnp.sqrt(sigma2) * z
 
 
 # --------------------------------------------------------------------------
@@ -118,11 +116,11 @@ def ddim_step(schedule: Schedule, output: Array, x_t: Array, i: Array, z: Array,
 
 
 def _check_output(output: Array, x: Array, config: _Config) -> None:
-    channels = x.shape[-1] * (2 if config.variance in diffusion.LEARNED_VARIANCES else 1)
+    channels = x.shape[-1] * (2 if config.network is not None else 1)
     expected = (*x.shape[:-1], channels)
     if output.shape != expected:
-        raise ValueError(f"model_fn output must have shape {expected} (per-device batch; 2C channels for a "
-                         f"learned variance) for variance={config.variance!r}, got {output.shape}")
+        raise ValueError(f"model_fn output must have shape {expected} (per-device batch; 2C channels when the "
+                         f"network outputs σ²), got {output.shape}")
 
 
 def _example_ids(local_batch: int) -> Array:
@@ -144,14 +142,16 @@ def _stack_trajectory(x_T: Array, chunks: list[Array]) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh"))
-def _run_chunk(model_fn: Partial, schedule: Schedule, gamma: Array | None, eta: Array, chain_key: Array,
-               x: Array, step_ids: Array, *, config: _Config, mesh: Mesh) -> tuple[Array, Array | None]:
+def _run_chunk(model_fn: Partial, schedule: Schedule, sigma2: Array | None, log_sigma2: Array | None,
+               chain_key: Array, x: Array, step_ids: Array, *, config: _Config,
+               mesh: Mesh) -> tuple[Array, Array | None]:
     """The steps `step_ids` (descending) of the chain from x [B, ...]; one lax.scan per device.
 
+    sigma2, log_sigma2: the resolved σ² and log σ² [K] (None when the network outputs σ²).
     Returns (x after the last step, the x after every step [len(step_ids), B, ...] or None).
     """
 
-    def per_device(model_fn, schedule, gamma, eta, chain_key, x, step_ids):
+    def per_device(model_fn, schedule, sigma2, log_sigma2, chain_key, x, step_ids):
         example_ids = _example_ids(x.shape[0])
 
         def body(x_t, i):
@@ -159,11 +159,11 @@ def _run_chunk(model_fn: Partial, schedule: Schedule, gamma: Array | None, eta: 
             _check_output(output, x_t, config)
             z = example_noise(jax.random.fold_in(chain_key, i), example_ids, config.example_shape)
             if config.ddim:
-                x_prev = ddim_step(schedule, output, x_t, i, z, eta, mean_type=config.mean_type,
+                x_prev = ddim_step(schedule, output, x_t, i, z, sigma2, mean_type=config.mean_type,
                                    clip_x0=config.clip_x0)
             else:
-                x_prev = ancestral_step(schedule, output, x_t, i, z, variance=config.variance,
-                                        mean_type=config.mean_type, clip_x0=config.clip_x0, gamma=gamma)
+                x_prev = ancestral_step(schedule, output, x_t, i, z, log_sigma2, network=config.network,
+                                        mean_type=config.mean_type, clip_x0=config.clip_x0)
             # Scan outputs only on request, so memory does not grow with K otherwise.
             return x_prev, (x_prev if config.return_trajectory else None)
 
@@ -171,7 +171,7 @@ def _run_chunk(model_fn: Partial, schedule: Schedule, gamma: Array | None, eta: 
 
     out_specs = (P(AXIS), P(None, AXIS) if config.return_trajectory else None)
     return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), P(AXIS), P()),
-                         out_specs=out_specs)(model_fn, schedule, gamma, eta, chain_key, x, step_ids)
+                         out_specs=out_specs)(model_fn, schedule, sigma2, log_sigma2, chain_key, x, step_ids)
 
 
 # --------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def _is_name(value, allowed) -> bool:
 
 
 def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
-                gamma, chunk_size, devices) -> None:
+                chunk_size, devices, sigma_clip_steps) -> None:
     """One ValueError naming the field and what is allowed, before anything is traced."""
     T = schedule.num_timesteps if isinstance(schedule, Schedule) else None
     checks = [
@@ -199,7 +199,6 @@ def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, varia
          f"rng must be one PRNG key (jax.random.key(s) or jax.random.PRNGKey(s)), got {rng!r}"),
         (isinstance(shape, (tuple, list)) and len(shape) >= 2 and all(_is_int(d) and d >= 1 for d in shape),
          f"shape must be a tuple [B, ...] of at least 2 positive ints, got {shape!r}"),
-        (_is_name(variance, diffusion.VARIANCES), f"variance must be one of {sorted(diffusion.VARIANCES)}, got {variance!r}"),
         (_is_name(mean_type, diffusion.MEAN_TYPES), f"mean_type must be one of {diffusion.MEAN_TYPES}, got {mean_type!r}"),
         (_is_name(spacing, SPACINGS), f"spacing must be one of {SPACINGS}, got {spacing!r}"),
         (num_steps is None or steps is None, "give num_steps or steps, not both"),
@@ -207,12 +206,11 @@ def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, varia
          f"num_steps must be an int in [1, {T}] (schedule.num_timesteps), got {num_steps!r}"),
         (eta is None or not isinstance(eta, bool) and isinstance(eta, (int, float, np.floating)) and 0.0 <= eta <= 1.0,
          f"eta must be None (ancestral sampling) or a float in [0, 1] (DDIM), got {eta!r}"),
-        (eta is None or variance == "fixed_small",
-         f"eta (DDIM) sets σ_t(η) itself and is allowed only with variance='fixed_small' (the default), "
-         f"got variance={variance!r}; drop eta for ancestral sampling with that variance"),
-        ((gamma is not None) == (variance == "analytic"),
-         f"gamma (Γ_t per step of the full chain, shape [{T}]) is required for variance='analytic' and "
-         f"allowed only there; got variance={variance!r}, gamma {'given' if gamma is not None else 'None'}"),
+        (eta is None or variance is None,
+         f"eta (DDIM) sets σ_t(η) itself: leave variance unset (or pass variance=variances.ddim(eta)), "
+         f"got variance={variance!r}"),
+        (_is_int(sigma_clip_steps) and sigma_clip_steps >= 0,
+         f"sigma_clip_steps must be an int >= 0 (0: no clipping), got {sigma_clip_steps!r}"),
         (chunk_size is None or _is_int(chunk_size) and chunk_size >= 1,
          f"chunk_size must be None or an int >= 1, got {chunk_size!r}"),
         (devices is None or isinstance(devices, (list, tuple)) and len(devices) >= 1
@@ -222,42 +220,35 @@ def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, varia
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    if gamma is not None and np.shape(gamma) != (T,):
-        raise ValueError(f"gamma must have shape [{T}] (one Γ_t per step of the full chain), got {np.shape(gamma)}")
     n_devices = len(jax.local_devices() if devices is None else devices)
     if shape[0] % n_devices:
         raise ValueError(f"shape[0] (the batch, {shape[0]}) must be divisible by the device count {n_devices}")
 
 
-def _sub_chain(schedule: Schedule, num_steps, spacing, steps) -> np.ndarray:
-    """The kept steps (positions in `schedule`), increasing."""
-    T = schedule.num_timesteps
-    if steps is not None:
-        return validate_steps(steps, T)
-    if num_steps is None or num_steps == T:  # K = T keeps every step, whatever the spacing
-        return np.arange(T)
-    return space_timesteps(T, num_steps, spacing)
-
-
 def sample(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: Array, shape: Sequence[int], *,
            num_steps: int | None = None, spacing: str = "even", steps: Sequence[int] | None = None,
-           variance: str = "fixed_small", mean_type: str = "eps", eta: float | None = None,
-           clip_x0: bool = False, gamma: Array | None = None, return_trajectory: bool = False,
-           progress: bool = False, chunk_size: int | None = None, devices: Sequence[jax.Device] | None = None):
-    """Samples x_0 ~ p_θ [B, ...] by the reverse chain (Ho Algorithm 2, or DDIM with eta).
+           variance: str | variances.Variance | None = None, stats: dict[str, np.ndarray] | None = None,
+           decoder: str | None = None, sigma_clip_steps: int = 0, sigma_clip_pixel: float = 2.0,
+           mean_type: str = "eps", eta: float | None = None, clip_x0: bool = False,
+           return_trajectory: bool = False, progress: bool = False, chunk_size: int | None = None,
+           devices: Sequence[jax.Device] | None = None):
+    """Samples x_0 ~ p_θ [B, ...] by the reverse chain (Ho Algorithm 2, or DDIM).
 
     model_fn(x_t, t) -> output: x_t [b, ...] (b = B / devices), t int32 [b], always
       the ORIGINAL chain's step `schedule.timesteps[i]`; output like x_t (2C last-axis
-      channels for a learned variance). Pass a stable function, or
+      channels when the σ record reads σ² from the network). Pass a stable function, or
       `jax.tree_util.Partial(apply, params)`: then the weights are traced arguments,
       not constants, and a new `params` does not recompile.
-    num_steps / spacing / steps: run the K-step sub-chain `respace(schedule, steps)`,
-      steps = `space_timesteps(T, num_steps, spacing)` ('even' | 'quad') or given.
-    variance: a name of `diffusion.VARIANCES` (ancestral). gamma [T]: Γ_t for
-      variance='analytic', one per step of the FULL chain; the kept steps are read.
-    eta: None for ancestral sampling; a float in [0, 1] for DDIM (Song et al. 2021,
-      eq. 12, σ_t(η) of eq. 16), allowed only with variance='fixed_small' because η
-      itself sets σ_t. η = 0 is deterministic given x_T.
+    schedule: the full T-step chain. num_steps / spacing / steps: run the K-step
+      sub-chain `respace(schedule, kept_steps(T, num_steps, spacing, steps))`
+      (spacing 'even' | 'quad' | 'uniform').
+    variance: a `variances.Variance` record, or its name (default 'fixed_small');
+      stats {name: [T]} holds the statistics it needs (e.g. {'gamma': Γ} for
+      'analytic'), over the FULL chain; decoder: the decoder-step convention
+      (`variances.DECODERS`; default: the record's). sigma_clip_steps/pixel:
+      Analytic-DPM's clipping of σ² on the last noisy steps (0: off).
+    eta: shorthand for variance=variances.ddim(eta): DDIM (Song et al. 2021, eq. 12,
+      σ_t(η) of eq. 16); η = 0 is deterministic given x_T.
     clip_x0: clip x̂_0 to [−1, 1] (and recompute ε̂ from it) at every step.
     return_trajectory: also return [K + 1, B, ...]: x_T, then x after each step.
     progress / chunk_size: run the chain as scans of chunk_size steps (the carry
@@ -267,22 +258,33 @@ def sample(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: A
       the samples do not depend on how many (see the module docstring).
     Returns x_0 [B, ...], or (x_0, trajectory) with return_trajectory.
     """
-    _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta, gamma,
-                chunk_size, devices)
-    kept = _sub_chain(schedule, num_steps, spacing, steps)
-    if len(kept) < schedule.num_timesteps:
-        schedule = respace(schedule, kept)
-    gamma = None if gamma is None else jnp.asarray(np.asarray(gamma, np.float32)[kept])
-    num_chain = len(kept)
+    _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
+                chunk_size, devices, sigma_clip_steps)
+    record = variances.ddim(eta) if eta is not None else variances.get("fixed_small" if variance is None else variance)
+    kept = kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
+    sub = respace(schedule, kept) if len(kept) < schedule.num_timesteps else schedule
+    resolved = variances.resolve(record, variances.chain(schedule, kept), stats, decoder=decoder,
+                                 clip_steps=sigma_clip_steps, clip_pixel=sigma_clip_pixel)
+    return run_chain(model_fn, sub, rng, shape, resolved, mean_type=mean_type, clip_x0=clip_x0,
+                     return_trajectory=return_trajectory, progress=progress, chunk_size=chunk_size, devices=devices)
+
+
+def run_chain(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: Array, shape: Sequence[int],
+              resolved: variances.Resolved, *, mean_type: str = "eps", clip_x0: bool = False,
+              return_trajectory: bool = False, progress: bool = False, chunk_size: int | None = None,
+              devices: Sequence[jax.Device] | None = None):
+    """The reverse chain on `schedule` (already the K-step chain) with a resolved σ_t choice; see `sample`."""
+    num_chain = schedule.num_timesteps
     if chunk_size is None:
         chunk_size = math.ceil(num_chain / PROGRESS_UPDATES) if progress else num_chain
     chunk_size = min(chunk_size, num_chain)
 
     shape = tuple(int(d) for d in shape)
     mesh = Mesh(np.asarray(jax.local_devices() if devices is None else list(devices)), (AXIS,))
-    config = _Config(shape[1:], variance, mean_type, eta is not None, bool(clip_x0), bool(return_trajectory))
+    config = _Config(shape[1:], resolved.network, mean_type, resolved.ddim_eta is not None, bool(clip_x0),
+                     bool(return_trajectory))
     model_fn = model_fn if isinstance(model_fn, Partial) else Partial(model_fn)
-    eta = np.float32(0.0 if eta is None else eta)
+    sigma2, log_sigma2 = resolved.variance, resolved.log_variance
 
     x_T, chain_key = _start(rng, shape=shape, mesh=mesh)
     x, trajectory = x_T, []
@@ -290,7 +292,8 @@ def sample(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: A
         previous = None
         for top in range(num_chain, 0, -chunk_size):
             step_ids = np.arange(top - 1, max(top - chunk_size, 0) - 1, -1, dtype=np.int32)
-            x, ys = _run_chunk(model_fn, schedule, gamma, eta, chain_key, x, step_ids, config=config, mesh=mesh)
+            x, ys = _run_chunk(model_fn, schedule, sigma2, log_sigma2, chain_key, x, step_ids, config=config,
+                               mesh=mesh)
             trajectory.append(ys)
             if progress:
                 # The next chunk is already queued behind this one when we wait for the

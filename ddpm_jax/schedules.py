@@ -50,6 +50,9 @@ class Schedule:
     posterior_mean_coef1: jax.Array  # √ᾱ_{t−1} β_t / (1 − ᾱ_t), multiplies x₀
     posterior_mean_coef2: jax.Array  # √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t), multiplies x_t
     timesteps: jax.Array  # int32 index into the original chain
+    # ᾱ_t in float64 as its raw bits (uint32 [K, 2]): the device holds float32 only, and host code
+    # (variances.chain) recovers the exact float64 ᾱ from these to compute σ_t² in float64.
+    alphas_cumprod_f64_bits: jax.Array
 
     @property
     def num_timesteps(self) -> int:
@@ -164,15 +167,21 @@ def validate_betas(betas: np.ndarray, *, allow_terminal_one: bool = False) -> No
         raise ValueError(f"betas must lie in the open interval (0, 1); got values such as {betas[~inside][:3].tolist()}")
 
 
+def floor_terminal(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """A float64 copy of ᾱ with a zero ᾱ_T (zero terminal SNR) replaced by ZERO_SNR_ALPHA · ᾱ_{T−1}."""
+    ac = np.array(alphas_cumprod, dtype=np.float64)
+    if ac[-1] == 0.0:
+        ac[-1] = ZERO_SNR_ALPHA * (ac[-2] if len(ac) > 1 else 1.0)
+    return ac
+
+
 def schedule_from_alphas_cumprod(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> Schedule:
     """Builds every derived array from ᾱ_t (float64) for the chain that visits `timesteps`.
 
     β_t = 1 − ᾱ_t/ᾱ_{t−1}: this is how a respaced sub-chain gets its own β's.
     """
-    ac = np.array(alphas_cumprod, dtype=np.float64)
+    ac = floor_terminal(alphas_cumprod)
     ac_prev = np.concatenate([[1.0], ac[:-1]])
-    if ac[-1] == 0.0:  # zero terminal SNR, see ZERO_SNR_ALPHA
-        ac[-1] = ZERO_SNR_ALPHA * ac_prev[-1]
     alphas = ac / ac_prev
     betas = 1.0 - alphas
     # Non-finite values are refused right below, so no RuntimeWarning is needed first.
@@ -204,7 +213,14 @@ def schedule_from_alphas_cumprod(alphas_cumprod: np.ndarray, timesteps: np.ndarr
         raise ValueError(f"betas give non-finite {bad}: each β must be resolvable next to 1 in float64 (β > ~1e-15)")
     # device_put of a float32 NumPy array: a jnp.asarray cast would compile a conversion per length.
     arrays = {k: jax.device_put(np.asarray(v, dtype=np.float32)) for k, v in fields.items()}
-    return Schedule(**arrays, timesteps=jax.device_put(np.asarray(timesteps, dtype=np.int32)))
+    bits = np.ascontiguousarray(ac, dtype=np.float64).view(np.uint32).reshape(len(ac), 2)
+    return Schedule(**arrays, timesteps=jax.device_put(np.asarray(timesteps, dtype=np.int32)),
+                    alphas_cumprod_f64_bits=jax.device_put(bits))
+
+
+def alphas_cumprod_f64(schedule: Schedule) -> np.ndarray:
+    """ᾱ_t of the chain exactly as it was computed in float64 on the host, [K]."""
+    return np.ascontiguousarray(np.asarray(schedule.alphas_cumprod_f64_bits, np.uint32)).view(np.float64).reshape(-1)
 
 
 def schedule_from_betas(betas: np.ndarray, *, zero_terminal_snr: bool = False) -> Schedule:
@@ -241,7 +257,7 @@ def get_schedule(name: str, num_timesteps: int, *, zero_terminal_snr: bool = Fal
 # --------------------------------------------------------------------------
 # Respacing (Nichol & Dhariwal 2021, §4; Song et al. 2021, DDIM §4.2).
 
-SPACINGS = ("even", "quad")
+SPACINGS = ("even", "quad", "uniform")
 MAX_TIMESTEPS = 1_000_000  # far beyond any published chain; bounds host memory before anything is built
 
 
@@ -250,6 +266,9 @@ def space_timesteps(num_timesteps: int, num_steps: int, kind: str = "even") -> n
 
     'even': round(linspace(0, T−1, K)), which also keeps the last step T−1.
     'quad': DDIM's quadratic spacing, ⌊linspace(0, √(0.8T), K)²⌋, made strictly increasing.
+    'uniform': DDIM's code's "uniform" skip, range(0, T, ⌊T/K⌋) (Song et al. 2021, released code;
+      also Analytic-DPM's 'linear_ddim'): it does not keep T−1 (at T = 1000, K = 10 its last step is
+      900). When K does not divide T that range has more than K steps; we keep its first K.
     """
     if not isinstance(kind, str) or kind not in SPACINGS:
         raise ValueError(f"spacing kind must be one of {SPACINGS}, got {kind!r}")
@@ -257,12 +276,29 @@ def space_timesteps(num_timesteps: int, num_steps: int, kind: str = "even") -> n
     _check_int("num_steps", num_steps, 1, num_timesteps)
     if kind == "even":
         steps = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
+    elif kind == "uniform":
+        steps = np.arange(0, num_timesteps, num_timesteps // num_steps, dtype=np.int64)[:num_steps]
     else:
         # Truncated like DDIM's code (int(s) for s in linspace(0, √(0.8T), K)²).
         steps = np.floor(np.linspace(0.0, math.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
         steps = np.minimum(steps, num_timesteps - 1)  # round(0.8·T) = T when T = 2
         steps = _make_strictly_increasing(steps, num_timesteps)
     return steps
+
+
+def kept_steps(num_timesteps: int, num_steps: int | None = None, spacing: str = "even",
+               steps: Sequence[int] | None = None) -> np.ndarray:
+    """The one sub-chain rule: the increasing steps a K-step chain keeps (all T when K is None or T).
+
+    `steps` given explicitly wins (num_steps must then be None); otherwise space_timesteps(T, K, spacing).
+    """
+    if steps is not None:
+        if num_steps is not None:
+            raise ValueError("give num_steps or steps, not both")
+        return validate_steps(steps, num_timesteps)
+    if num_steps is None or num_steps == num_timesteps:
+        return np.arange(num_timesteps)
+    return space_timesteps(num_timesteps, num_steps, spacing)
 
 
 def _make_strictly_increasing(steps: np.ndarray, num_timesteps: int) -> np.ndarray:
@@ -297,9 +333,16 @@ def respace(schedule: Schedule, steps: Sequence[int]) -> Schedule:
     (Nichol & Dhariwal 2021, §4), so q(x_{s_i}|x_0) is unchanged.
     """
     steps = validate_steps(steps, schedule.num_timesteps)
-    # ᾱ = ∏α in float64 from the parent's per-step float32 values, taking α = 1 − β
-    # where β < ½ (exact for small β) and the stored α where β ≥ ½: 1 − β loses a
-    # small α in float32 (β = 1 − 2.4e-9 rounds to 1), the stored α keeps it.
+    return schedule_from_alphas_cumprod(respaced_alphas_cumprod(schedule, steps), np.asarray(schedule.timesteps)[steps])
+
+
+def respaced_alphas_cumprod(schedule: Schedule, steps: np.ndarray) -> np.ndarray:
+    """ᾱ at `steps` in float64, as `respace` computes it (host only: the schedule must be concrete).
+
+    ᾱ = ∏α in float64 from the parent's per-step float32 values, taking α = 1 − β
+    where β < ½ (exact for small β) and the stored α where β ≥ ½: 1 − β loses a
+    small α in float32 (β = 1 − 2.4e-9 rounds to 1), the stored α keeps it.
+    """
     betas = np.asarray(schedule.betas, dtype=np.float64)
     alphas_cumprod = np.cumprod(np.where(betas < 0.5, 1.0 - betas, np.asarray(schedule.alphas, dtype=np.float64)))
-    return schedule_from_alphas_cumprod(alphas_cumprod[steps], np.asarray(schedule.timesteps)[steps])
+    return alphas_cumprod[steps]

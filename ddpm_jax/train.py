@@ -37,14 +37,13 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
-from ddpm_jax import checkpoints, config_validation, data, diffusion, losses, sampling, schedules
+from ddpm_jax import checkpoints, config_validation, data, diffusion, from_config, losses, resume, sampling, schedules
 from ddpm_jax.models import UNet
 from ddpm_jax.utils import images as image_grid
 from ddpm_jax.utils.signals import StopRequest
-from ddpm_jax.utils.writers import MetricWriter
+from ddpm_jax.utils.writers import MetricWriter, drop_metrics_after
 
 Array = jax.Array
 AXIS = "batch"
@@ -65,21 +64,7 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------
-# Building blocks from the config (the top of the pipeline reads the config).
-
-
-def build_model(config: ml_collections.ConfigDict) -> UNet:
-    m = config.model
-    return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-                attn_resolutions=tuple(m.attn_resolutions), dropout=config.training.dropout,
-                out_channels=config_validation.out_channels(config), num_groups=m.num_groups,
-                resamp_with_conv=m.resamp_with_conv, dtype=jnp.bfloat16 if config.training.bf16 else jnp.float32)
-
-
-def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
-    d = config.diffusion
-    return schedules.get_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr,
-                                  **dict(d.schedule_kwargs))
+# The optimizer and the initial state (model and schedule: ddpm_jax.from_config).
 
 
 def learning_rate_fn(lr: float, warmup_steps: int) -> optax.Schedule:
@@ -98,7 +83,7 @@ def create_train_state(config: ml_collections.ConfigDict, rng: Array) -> TrainSt
     """Fresh parameters (ema_params = params), Adam state and zero counters, on the default device."""
     t = config.training
     with jax.threefry_partitionable(False):  # see THREEFRY_NOTE
-        return _init_state(rng, model=build_model(config), image_shape=config_validation.image_shape(config),
+        return _init_state(rng, model=from_config.build_model(config), image_shape=from_config.image_shape(config),
                            optimizer_args=(t.lr, t.warmup_steps, t.grad_clip))
 
 
@@ -258,7 +243,7 @@ class StepConfig(NamedTuple):
 
 def step_config(config: ml_collections.ConfigDict) -> StepConfig:
     t, d = config.training, config.diffusion
-    return StepConfig(build_model(config), t.lr, t.warmup_steps, t.grad_clip, t.ema_decay, d.loss_type,
+    return StepConfig(from_config.build_model(config), t.lr, t.warmup_steps, t.grad_clip, t.ema_decay, d.loss_type,
                       d.variance, d.mean_type, t.ordered_allreduce)
 
 
@@ -284,36 +269,19 @@ def parallel_train_step(state: TrainState, images: Array, rng: Array, schedule: 
 # The impure loop: data, checkpoints, logging, sample grids, signals.
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalModel:
-    """model_fn(params, x_t, t) in eval mode (no dropout), keeping the first `channels` output channels.
-
-    Hashable, so `jax.tree_util.Partial(EvalModel(...), params)` reuses compiled
-    samplers; channels = C drops a learned variance for a fixed-σ sampler.
-    """
-
-    model: UNet
-    channels: int
-
-    def __call__(self, params: Any, x: Array, t: Array) -> Array:
-        return self.model.apply({"params": params}, x, t, train=False)[..., :self.channels]
-
-
-def eval_model_fn(config: ml_collections.ConfigDict, params: Any, variance: str) -> Partial:
-    """The model_fn(x_t, t) that the sampler and the NLL bound call, for the σ choice `variance`."""
-    learned = variance in diffusion.LEARNED_VARIANCES
-    channels = config_validation.out_channels(config) if learned else config_validation.image_shape(config)[-1]
-    return Partial(EvalModel(build_model(config), channels), params)
-
-
 def _check_finite(metrics: dict[str, Array], step: int, limit: int, manager) -> None:
     consecutive = int(local_copy(metrics["consecutive_nonfinite"]))
     if consecutive >= limit:
         raise FloatingPointError(
             f"training stopped at step {step}: the loss or the gradient norm was not finite for {consecutive} "
             f"consecutive steps (training.max_consecutive_nonfinite = {limit}); those updates were skipped, so the "
-            f"parameters are the last finite ones, and the newest checkpoint (step {manager.latest_step()}) is "
-            "kept. Check the data for NaN/inf, lower training.lr, or train without training.bf16.")
+            f"parameters are the last finite ones, and {_newest_checkpoint(manager)}. Check the data for NaN/inf, "
+            "lower training.lr, or train without training.bf16.")
+
+
+def _newest_checkpoint(manager) -> str:
+    latest = manager.latest_step()
+    return "no checkpoint has been saved yet" if latest is None else f"the newest checkpoint (step {latest}) is kept"
 
 
 def _log(writer: MetricWriter, bar: tqdm, step: int, pending: list[dict], images_per_step: int,
@@ -333,9 +301,10 @@ def _log(writer: MetricWriter, bar: tqdm, step: int, pending: list[dict], images
 def generate_samples(config: ml_collections.ConfigDict, params: Any, rng: Array, *, progress: bool = False) -> Array:
     """sampling.batch samples x_0 [B, H, W, C] from `params` (the EMA weights) with the config's sampling group."""
     s = config.sampling
-    return sampling.sample(eval_model_fn(config, params, s.variance), build_schedule(config), rng,
-                           (s.batch, *config_validation.image_shape(config)), num_steps=s.num_steps,
-                           variance=s.variance, mean_type=config.diffusion.mean_type, eta=s.eta, clip_x0=s.clip_x0,
+    variance = None if s.eta is not None else s.variance  # DDIM's η sets σ itself
+    return sampling.sample(from_config.model_fn(config, params, variance), from_config.build_schedule(config), rng,
+                           (s.batch, *from_config.image_shape(config)), num_steps=s.num_steps,
+                           variance=variance, mean_type=config.diffusion.mean_type, eta=s.eta, clip_x0=s.clip_x0,
                            progress=progress)
 
 
@@ -350,13 +319,25 @@ def _sample_grid(config, state: TrainState, rng: Array, step: int, workdir: str,
     writer.write_image(step, "samples", grid)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
+                       fresh_start_if_damaged: bool = False) -> TrainState:
     """Trains until training.num_train_steps, resuming from the newest intact checkpoint in workdir.
 
-    On SIGTERM/SIGINT it saves the current step and returns normally. Raises
-    FloatingPointError after training.max_consecutive_nonfinite skipped updates in a row.
+    On SIGTERM/SIGINT, from its first line on, it saves the current step (when new) and returns normally.
+    Raises FloatingPointError after training.max_consecutive_nonfinite skipped updates in a row;
+    resume.ResumeRefused when another run holds the workdir, or when a checkpoint would be resumed
+    with a config whose experiment fields changed (unless allow_config_change);
+    checkpoints.AllCheckpointsDamaged when no checkpoint restores (unless fresh_start_if_damaged:
+    they are then moved to workdir/damaged_checkpoints and training starts at step 0).
     """
-    config_validation.validate_config(config)
+    with StopRequest() as stop:  # first, so that a signal during start-up takes the clean path too
+        config_validation.validate_config(config)
+        with resume.workdir_lock(workdir):
+            return _train(config, workdir, stop, allow_config_change, fresh_start_if_damaged)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: StopRequest, allow_config_change: bool,
+           fresh_start_if_damaged: bool) -> TrainState:
     t = config.training
     mesh = make_mesh()
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(t.seed), 3)
@@ -364,56 +345,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     abstract = abstract_replicated(jax.eval_shape(functools.partial(create_train_state, config), init_rng), mesh)
     # Synchronous saves (the default) are committed before the next step: a crash recomputes <= save_every steps.
     manager = checkpoints.make_manager(workdir, max_to_keep=t.keep_checkpoints, asynchronous=t.async_checkpointing)
-    restored = checkpoints.restore_latest(manager, without_ema(abstract), abstract.ema_params)
-    if restored is None:
-        state = replicate(jax.device_get(create_train_state(config, init_rng)), mesh)
-    else:
-        state = TrainState(ema_params=restored.ema_params, **restored.state)
-        logging.info("Resumed from step %d of %s", restored.step, workdir)
-    start = int(local_copy(state.step))
-    checkpoints.write_config(workdir, config)
-    meta = checkpoints.run_metadata(config)
-    schedule = replicate(build_schedule(config), mesh)
-    step_fn = _compiled_step(config, mesh, state, train_rng, schedule)
-    batches = data.get_dataset(
-        config.data.dataset, "train", batch_size=t.batch_size // jax.process_count(), seed=t.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count(), image_size=config.data.image_size,
-        random_flip=config.data.random_flip, data_dir=config.data.data_dir, start_step=start,
-        worker_count=config.data.worker_count)
-    writer = MetricWriter(workdir)
-    bar = tqdm(total=t.num_train_steps, initial=start, unit="step", disable=jax.process_index() != 0)
-    pending, previous, step = [], None, start
-    tick = time.perf_counter()
+    writer = bar = None
     try:
-        with StopRequest() as stop:
-            while step < t.num_train_steps:
-                if stop.requested():
-                    logging.warning("Signal %s: saving step %d and stopping.", stop.signum, step)
-                    _save(manager, state, step, meta)
-                    break
-                images = shard_batch(next(batches)["image"], mesh)
-                state, metrics = step_fn(state, images, train_rng, schedule)
-                step += 1
-                bar.update(1)
-                if previous is not None:  # one step behind, so the host never waits on the running step
-                    _check_finite(previous, step - 1, t.max_consecutive_nonfinite, manager)
-                previous = metrics
-                pending.append(metrics)
-                last = step == t.num_train_steps
-                if step % t.log_every == 0 or last:
-                    _log(writer, bar, step, pending, t.batch_size, time.perf_counter() - tick)
-                    pending, tick = [], time.perf_counter()
-                    _check_finite(metrics, step, t.max_consecutive_nonfinite, manager)
-                if step % t.save_every == 0 or last:
-                    _check_finite(metrics, step, t.max_consecutive_nonfinite, manager)
-                    _save(manager, state, step, meta)
-                if t.sample_every and step % t.sample_every == 0 and jax.process_index() == 0:
-                    _sample_grid(config, state, sample_rng, step, workdir, writer)
+        if manager.all_steps():
+            for change in resume.check_config_change(workdir, config, allow=allow_config_change):
+                logging.warning("Resuming with a changed config (allowed): %s", change)
+        restored = checkpoints.restore_latest(manager, without_ema(abstract), abstract.ema_params,
+                                              fresh_start_if_damaged=fresh_start_if_damaged)
+        if restored is None:
+            state = replicate(jax.device_get(create_train_state(config, init_rng)), mesh)
+        else:
+            state = TrainState(ema_params=restored.ema_params, **restored.state)
+            logging.info("Resumed from step %d of %s", restored.step, workdir)
+        start = int(local_copy(state.step))
+        checkpoints.write_config(workdir, config)
+        meta = checkpoints.run_metadata(config)
+        schedule = replicate(from_config.build_schedule(config), mesh)
+        step_fn = _compiled_step(config, mesh, state, train_rng, schedule)
+        batches = data.get_dataset(
+            config.data.dataset, "train", batch_size=t.batch_size // jax.process_count(), seed=t.seed,
+            shard_index=jax.process_index(), shard_count=jax.process_count(), image_size=config.data.image_size,
+            random_flip=config.data.random_flip, data_dir=config.data.data_dir, start_step=start,
+            worker_count=config.data.worker_count)
+        drop_metrics_after(workdir, start)  # rows of steps this run recomputes
+        writer = MetricWriter(workdir)
+        bar = tqdm(total=t.num_train_steps, initial=start, unit="step", disable=jax.process_index() != 0)
+        pending, previous, step = [], None, start
+        tick = time.perf_counter()
+        while step < t.num_train_steps:
+            if stop.requested():
+                logging.warning("Signal %s: saving step %d and stopping.", stop.signum, step)
+                _save(manager, state, step, meta)
+                break
+            images = shard_batch(next(batches)["image"], mesh)
+            state, metrics = step_fn(state, images, train_rng, schedule)
+            step += 1
+            bar.update(1)
+            if previous is not None:  # one step behind, so the host never waits on the running step
+                _check_finite(previous, step - 1, t.max_consecutive_nonfinite, manager)
+            previous = metrics
+            pending.append(metrics)
+            last = step == t.num_train_steps
+            if step % t.log_every == 0 or last:
+                _log(writer, bar, step, pending, t.batch_size, time.perf_counter() - tick)
+                pending, tick = [], time.perf_counter()
+                _check_finite(metrics, step, t.max_consecutive_nonfinite, manager)
+            if step % t.save_every == 0 or last:
+                _check_finite(metrics, step, t.max_consecutive_nonfinite, manager)
+                _save(manager, state, step, meta)
+            if t.sample_every and step % t.sample_every == 0 and jax.process_index() == 0:
+                _sample_grid(config, state, sample_rng, step, workdir, writer)
     finally:
         manager.wait_until_finished()
         manager.close()
-        writer.close()
-        bar.close()
+        for closable in (writer, bar):
+            if closable is not None:
+                closable.close()
     return state
 
 
@@ -428,7 +415,7 @@ def _compiled_step(config: ml_collections.ConfigDict, mesh: Mesh, state: TrainSt
     step_fn = functools.partial(parallel_train_step, hyper=step_config(config), mesh=mesh)
     if jax.process_count() == 1:
         return step_fn
-    images = jax.ShapeDtypeStruct((config.training.batch_size, *config_validation.image_shape(config)), jnp.float32,
+    images = jax.ShapeDtypeStruct((config.training.batch_size, *from_config.image_shape(config)), jnp.float32,
                                   sharding=NamedSharding(mesh, P(AXIS)))
     compiled = parallel_train_step.lower(state, images, rng, schedule, hyper=step_config(config), mesh=mesh).compile()
     multihost_utils.sync_global_devices("ddpm_jax_train_step_compiled")
@@ -436,7 +423,8 @@ def _compiled_step(config: ml_collections.ConfigDict, mesh: Mesh, state: TrainSt
 
 
 def _save(manager, state: TrainState, step: int, meta: dict) -> None:
-    if manager.latest_step() != step:  # a stop right after a resume or a save has nothing new to write
+    # A stop before the first step, or right after a resume or a save, has nothing new to write.
+    if step > 0 and manager.latest_step() != step:
         checkpoints.save(manager, step, without_ema(state), state.ema_params, meta)
 
 

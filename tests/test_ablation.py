@@ -1,4 +1,4 @@
-"""End-to-end test of the σ_t ablation command (experiments/sigma_ablation.py) at tiny size, and its pieces.
+"""End-to-end test of the σ_t ablation command (python -m experiments.sigma_ablation) at tiny size, and its pieces.
 
 A one-level UNet of the tiny config's shape (experiments/configs/tiny.py with
 ch_mult=(1,)) with random N(0, 0.1²) weights is saved as a checkpoint; the command runs the
@@ -10,7 +10,6 @@ recomputed in NumPy and against the settings the config asks for.
 import csv
 import dataclasses
 import functools
-import importlib.util
 import math
 import os
 import pathlib
@@ -21,17 +20,15 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoints, train
-from ddpm_jax.evaluation import ablation
+from ddpm_jax import checkpoints, from_config, train, variances
+from experiments.sigma_ablation import report as ablation_report
+from experiments.sigma_ablation import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_config(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return from_config.load_config_file(f"{name}.py")
 
 
 def _save_random_checkpoint(workdir):
@@ -63,7 +60,7 @@ def report(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     _save_random_checkpoint(workdir)
     out = workdir / "ablation"
-    command = [sys.executable, str(ROOT / "experiments" / "sigma_ablation.py"),
+    command = [sys.executable, "-m", "experiments.sigma_ablation",
                f"--config={ROOT / 'experiments' / 'configs' / 'ablation_tiny.py'}", f"--workdir={workdir}",
                f"--config.output_dir={out}"]
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
@@ -74,8 +71,9 @@ def report(tmp_path_factory):
 
 def test_report_has_one_row_per_setting_and_k(report):
     rows = _read_csv(report / "results.csv")
-    # learned_range is skipped: the tiny model was trained with a fixed variance.
-    expected = {(s, k) for s in ("analytic", "ddim_eta0") for k in (2, 5)}
+    # learned_range is skipped: the tiny model was trained with a fixed variance. geometric is the
+    # README's own σ (experiments/custom_sigma.py), given by 'file:NAME' in the config.
+    expected = {(s, k) for s in ("analytic", "geometric", "ddim_eta0") for k in (2, 5)}
     assert {(r["setting"], int(r["K"])) for r in rows} == expected
     for row in rows:
         assert int(row["num_seeds"]) == 2 and int(row["num_samples"]) == 16
@@ -107,23 +105,30 @@ def test_rows_are_the_mean_and_std_of_the_per_seed_records(report):
 
 def test_markdown_plots_and_grids_are_written(report):
     table = (report / "results.md").read_text(encoding="utf-8")
-    assert table.count("| analytic |") == 2 and "ddim_eta0 [1]" in table and "[1] ddim_eta0:" in table
+    assert table.count("| analytic |") == 2 and table.count("| geometric |") == 2
+    assert "ddim_eta0 [1]" in table and "[1] ddim_eta0:" in table and "decoder-step variance 'full_chain'" in table
     for name in ("nll_vs_k.png", "quality_vs_k.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (report / "grids").glob("*.png")) == [
-        "analytic_K2.png", "analytic_K5.png", "data_test.png", "ddim_eta0_K2.png", "ddim_eta0_K5.png"]
+        "analytic_K2.png", "analytic_K5.png", "data_test.png", "ddim_eta0_K2.png", "ddim_eta0_K5.png",
+        "geometric_K2.png", "geometric_K5.png"]
 
 
 def test_sigma_choices_keep_only_the_trained_learned_variance_and_explain_ddim():
-    names = [c.name for c in ablation.sigma_choices(("fixed_small", "learned_range"), (0.0, 0.5, 1.0), "fixed_large")]
+    config = _load_config("ablation_tiny")
+    config.variances, config.ddim_etas = ("fixed_small", "learned_range"), (0.0, 0.5, 1.0)
+    names = [c.name for c in settings.sigma_choices(config, variances.FIXED_LARGE)]
     assert names == ["fixed_small", "ddim_eta0", "ddim_eta0.5", "ddim_eta1"]
-    choices = ablation.sigma_choices(("learned_range",), (1.0,), "learned_range")
-    assert [(c.name, c.bound_variance) for c in choices] == [("learned_range", "learned_range"),
-                                                              ("ddim_eta1", "fixed_small")]
+    config.variances, config.ddim_etas = ("learned_range",), (1.0,)
+    choices = settings.sigma_choices(config, variances.LEARNED_RANGE)
+    assert [(c.name, c.has_bound) for c in choices] == [("learned_range", True), ("ddim_eta1", True)]
+    assert [variances.ddim(eta).has_bound for eta in (0.0, 0.5, 1.0)] == [False, False, True]
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("variances", ("fixed_large", "big"), "variances must be"),
+    ("variances", ("fixed_large", "big"), "variance must be one of"),
+    ("variances", ("fixed_large", "fixed_large"), "variances must be distinct"),
+    ("spacing", "linear", "spacing must be one of"),
     ("num_steps", (10, 2000), "num_steps must be"),
     ("ddim_etas", (1.5,), "ddim_etas must be"),
 ])
@@ -132,31 +137,31 @@ def test_validate_config_names_the_bad_field(field, value, message):
     with config.unlocked():
         config[field] = value
     with pytest.raises(ValueError, match=message):
-        ablation.validate_config(config, num_timesteps=1000)
+        settings.validate_config(config, num_timesteps=1000)
 
 
 def test_validate_config_accepts_zero_samples_but_not_one():
     config = _load_config("ablation_tiny")
     config.sample.num_samples = 0  # the bound only
-    ablation.validate_config(config, num_timesteps=1000)
+    settings.validate_config(config, num_timesteps=1000)
     config.sample.num_samples = 1
     with pytest.raises(ValueError, match="sample.num_samples must be 0"):
-        ablation.validate_config(config, num_timesteps=1000)
+        settings.validate_config(config, num_timesteps=1000)
 
 
 def test_markdown_rounds_to_the_second_significant_digit_of_the_std():
-    records = [dict(setting="analytic", variance="analytic", eta=None, K=10, seed=s, num_samples=4, note="",
+    records = [dict(setting="analytic", eta=None, spacing="even", K=10, seed=s, num_samples=4, note="",
                     compile_time_s=1.0, nll_bpd=v, nll_stderr=se, nll_examples=8, fdd=f)
                for s, v, se, f in ((0, 7.2920, 0.012, 160.0), (1, 7.2964, 0.014, 182.6))]
-    rows = ablation.aggregate(records)
+    rows = ablation_report.aggregate(records)
     # std(7.2920, 7.2964) = 0.0031, mean s.e. 0.013, std(160, 182.6) = 16.
-    assert "| analytic | 10 | 7.2942 ± 0.0031 | 0.013 | 171 ± 16 |" in ablation.markdown_table(rows)
+    assert "| analytic | 10 | 7.2942 ± 0.0031 | 0.013 | 171 ± 16 |" in ablation_report.markdown_table(rows)
 
 
 def test_records_survive_the_csv_round_trip(tmp_path):
-    records = [dict(setting="ddim_eta0.5", variance="fixed_small", eta=0.5, K=10, seed=1, num_samples=4,
-                    sample_time_s=0.25, note="why, with a comma"),
-               dict(setting="analytic", variance="analytic", eta=None, K=25, seed=0, num_samples=4,
+    records = [dict(setting="ddim_eta0.5", eta=0.5, spacing="uniform", K=10, seed=1, num_samples=4,
+                    sample_time_s=0.25, decoder="full_chain", note="why, with a comma"),
+               dict(setting="analytic", eta=None, spacing="even", K=25, seed=0, num_samples=4, decoder="own",
                     sample_time_s=0.5, nll_bpd=6.125, nll_stderr=0.0125, nll_examples=297, note="")]
-    ablation.write_csv(records, str(tmp_path / "per_seed.csv"))
-    assert ablation.read_records(str(tmp_path / "per_seed.csv")) == records
+    ablation_report.write_csv(records, str(tmp_path / "per_seed.csv"))
+    assert ablation_report.read_records(str(tmp_path / "per_seed.csv")) == records

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from ddpm_jax import diffusion, losses, schedules
+from ddpm_jax import diffusion, losses, schedules, statistics
+from ddpm_jax import variances as variances_lib
 from ddpm_jax.schedules import Schedule
 
 Array = jax.Array
@@ -73,25 +74,9 @@ def on_8bit_grid(data: np.ndarray, atol: float = 1e-4) -> bool:
     return bool(np.all(np.abs(levels - np.round(levels)) <= atol * 127.5))
 
 
-def _mean_output(model_fn: ModelFn, x_t: Array, t: Array) -> Array:
-    return model_fn(x_t, t)[..., : x_t.shape[-1]]
-
-
 def as_partial(model_fn: ModelFn) -> Partial:
     """model_fn as a pytree: the weights bound in a `Partial(apply, params)` are traced by jit, not baked in."""
     return model_fn if isinstance(model_fn, Partial) else Partial(model_fn)
-
-
-def mean_output_fn(model_fn: ModelFn) -> Partial:
-    """The first C channels of the output: ε (or x_0, v) without a learned variance's extra C channels."""
-    return Partial(_mean_output, as_partial(model_fn))
-
-
-def kept_steps(num_timesteps: int, num_steps: int | None, spacing: str = "even") -> np.ndarray:
-    """The steps a K-step sub-chain keeps, as `sampling.sample` picks them: all T when K is None or T."""
-    if num_steps is None or num_steps == num_timesteps:
-        return np.arange(num_timesteps)
-    return schedules.space_timesteps(num_timesteps, num_steps, spacing)
 
 
 # --------------------------------------------------------------------------
@@ -106,39 +91,8 @@ def standard_error(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(values.size))
 
 
-def _padded_batches(data: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-    """(batch [batch_size, ...], number of real rows): the last batch is padded with
-    copies of row 0 so every batch has one static shape and compiles once."""
-    for start in range(0, data.shape[0], batch_size):
-        batch = data[start : start + batch_size]
-        count = batch.shape[0]
-        if count < batch_size:
-            pad = np.broadcast_to(data[:1], (batch_size - count,) + data.shape[1:])
-            batch = np.concatenate([batch, pad], axis=0)
-        yield batch, count
-
-
 # --------------------------------------------------------------------------
 # Γ_t (Analytic-DPM).
-
-
-@functools.partial(jax.jit, static_argnames="mean_type")
-def _gamma_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, steps: Array, *, mean_type: str) -> Array:
-    """||ε_θ(x_t, t)||²/d for each step in `steps` [S] and each example of x0 [B] -> [S, B]."""
-    batch = x0.shape[0]
-
-    def one_step(_, inputs):
-        step, key = inputs
-        t = jnp.full((batch,), step, dtype=jnp.int32)
-        noise = jax.random.normal(key, x0.shape, x0.dtype)
-        x_t = diffusion.q_sample(schedule, x0, t, noise)
-        output = model_fn(x_t, t)
-        _, eps = diffusion.predict_x0_eps(schedule, x_t, t, output, mean_type)
-        return None, losses.mean_flat(eps**2)
-
-    keys = jax.random.split(rng, steps.shape[0])
-    _, sq_norms = jax.lax.scan(one_step, None, (steps, keys))
-    return sq_norms
 
 
 def estimate_gamma(
@@ -168,72 +122,41 @@ def estimate_gamma(
         data = data[: num_batches * batch_size]
     if mean_type not in diffusion.MEAN_TYPES:
         raise ValueError(f"mean_type must be one of {diffusion.MEAN_TYPES}, got {mean_type!r}")
-    num_timesteps = schedule.num_timesteps
-    steps = np.arange(num_timesteps) if steps is None else schedules.validate_steps(steps, num_timesteps)
-    batch_size = min(batch_size, data.shape[0])
-
-    model_fn = mean_output_fn(model_fn)
-    total = np.zeros(len(steps), dtype=np.float64)
-    for index, (batch, count) in enumerate(_padded_batches(data, batch_size)):
-        sq_norms = _gamma_terms(model_fn, schedule, jnp.asarray(batch), jax.random.fold_in(rng, index),
-                                jnp.asarray(steps, jnp.int32), mean_type=mean_type)
-        total += np.asarray(sq_norms, dtype=np.float64)[:, :count].sum(axis=1)
-    gamma = np.full(num_timesteps, np.nan)
-    gamma[steps] = total / data.shape[0]
-    return gamma
+    return statistics.estimate_gamma(model_fn, schedule, data, rng, steps=steps, batch_size=batch_size,
+                                     mean_type=mean_type)
 
 
-def sub_chain_gamma(gamma: np.ndarray, sub_schedule: Schedule) -> np.ndarray:
-    """Γ at the steps a (respaced) chain visits: gamma[T] indexed by sub_schedule.timesteps -> [K]."""
-    gamma = np.asarray(gamma, dtype=np.float64)
-    timesteps = np.asarray(sub_schedule.timesteps)
-    if gamma.ndim != 1 or gamma.shape[0] <= timesteps.max():
-        raise ValueError(f"gamma must have shape [T] over the full chain (T > {timesteps.max()}), got {gamma.shape}")
-    values = gamma[timesteps]
-    if not np.all(np.isfinite(values)):
-        missing = timesteps[~np.isfinite(values)][:5].tolist()
-        raise ValueError(f"gamma was not estimated at steps {missing}...; pass them to estimate_gamma(steps=...)")
-    return values
+def estimate_stats(needs: Sequence[statistics.Statistic], model_fn: ModelFn, schedule: Schedule, data: np.ndarray,
+                   rng: Array, *, steps: Sequence[int] | None = None, batch_size: int = 256,
+                   mean_type: str = "eps") -> dict[str, np.ndarray]:
+    """{name: float64 [T]} for each distinct statistic in `needs`, each estimated once with `rng` (the checks of
+    `estimate_gamma` first)."""
+    _check_full_chain(schedule)
+    data = _check_data(data)
+    _check_positive_int("batch_size", batch_size)
+    if steps is not None:
+        steps = schedules.validate_steps(steps, schedule.num_timesteps)
+    return {stat.name: stat.estimate(model_fn, schedule, data, rng, steps=steps, batch_size=batch_size,
+                                     mean_type=mean_type) for stat in dict.fromkeys(needs)}
 
 
 # --------------------------------------------------------------------------
 # The bound over a split.
 
 
-@functools.partial(jax.jit, static_argnames=("variances", "mean_type", "clip_x0"))
-def _bound_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, gamma: Array | None, *,
-                 variances: tuple[str, ...], mean_type: str, clip_x0: bool) -> dict[str, dict[str, Array]]:
-    # Compiled once per (model function, K, batch shape, variances, mean type, clipping).
-    return losses.bpd_terms_by_variance(model_fn, schedule, x0, rng, variances=variances, mean_type=mean_type,
-                                        clip_x0=clip_x0, gamma=gamma)
+@functools.partial(jax.jit, static_argnames=("networks", "mean_type", "clip_x0"))
+def _bound_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, log_variances: tuple, *,
+                 networks: tuple, mean_type: str, clip_x0: bool) -> list[dict[str, Array]]:
+    # Compiled once per (model function, K, batch shape, networks, mean type, clipping).
+    return losses.bound_terms(model_fn, schedule, x0, rng, log_variances, networks=networks, mean_type=mean_type,
+                              clip_x0=clip_x0)
 
 
-def nll_bpd(
-    model_fn: ModelFn,
-    schedule: Schedule,
-    data: np.ndarray,
-    rng: Array,
-    *,
-    variance: str,
-    num_steps: int | None = None,
-    spacing: str = "even",
-    gamma: np.ndarray | None = None,
-    batch_size: int = 128,
-    mean_type: str = "eps",
-    clip_x0: bool = False,
-) -> dict:
-    """Ho et al. eq. 5 in bits/dim per example of `data`, on the K = num_steps sub-chain (T when None).
-
-    The sub-chain keeps the steps kept_steps(T, K, spacing) (the sampler's),
-    always including t = 0, so its L_0 is the decoder on the data. gamma [T] (full
-    chain, from estimate_gamma) is needed for variance='analytic'. Each example
-    gets one Monte Carlo draw of x_t per step (Ho's code does the same), so the
-    standard error covers both data and noise. Returns dict(mean, stderr,
-    num_examples, num_steps, total [N], prior [N], terms [K] (mean per step)).
-    """
-    return nll_bpd_by_variance(model_fn, schedule, data, rng, variances=(variance,), num_steps=num_steps,
-                               spacing=spacing, gamma=gamma, batch_size=batch_size, mean_type=mean_type,
-                               clip_x0=clip_x0)[variance]
+def nll_bpd(model_fn: ModelFn, schedule: Schedule, data: np.ndarray, rng: Array, *,
+            variance: str | variances.Variance, **kwargs) -> dict:
+    """Ho et al. eq. 5 in bits/dim per example of `data`, for one σ choice; see `nll_bpd_by_variance`."""
+    record = variances.get(variance)
+    return nll_bpd_by_variance(model_fn, schedule, data, rng, variances=(record,), **kwargs)[record.name]
 
 
 def nll_bpd_by_variance(
@@ -242,59 +165,65 @@ def nll_bpd_by_variance(
     data: np.ndarray,
     rng: Array,
     *,
-    variances: Sequence[str],
+    variances: Sequence[str | variances_lib.Variance],
     num_steps: int | None = None,
     spacing: str = "even",
-    gamma: np.ndarray | None = None,
+    steps: Sequence[int] | None = None,
+    stats: Mapping[str, np.ndarray] | None = None,
+    decoder: str | None = None,
     batch_size: int = 128,
     mean_type: str = "eps",
     clip_x0: bool = False,
 ) -> dict[str, dict]:
-    """`nll_bpd` for several σ choices at the cost of one: {variance: the dict nll_bpd returns}.
+    """Ho et al. eq. 5 in bits/dim per example of `data` for several σ choices at the cost of one:
+    {record name: dict(mean, stderr, num_examples, num_steps, total [N], prior [N], terms [K] (mean per step))}.
 
-    One network call per step and example serves every choice, and every choice
-    sees the same x_t draws, so differences between choices carry far less
-    noise than their standard errors suggest. With the same rng each entry
-    equals what nll_bpd returns for that variance alone.
+    schedule: the full T-step chain; the bound runs on the sub-chain kept_steps(T, num_steps,
+    spacing, steps) (the sampler's), which always keeps t = 0, so its L_0 is the decoder on the
+    data. stats {name: [T]} holds what the records need (e.g. Γ for 'analytic'); decoder: the
+    decoder-step convention for every record (default: each record's own). One network call per
+    step and example serves every choice, and every choice sees the same x_t draws, so
+    differences between choices carry far less noise than their standard errors suggest. Each
+    example gets one Monte Carlo draw of x_t per step (as Ho's code), so the standard error
+    covers both data and noise.
     """
     _check_full_chain(schedule)
     data = _check_data(data)
     if not on_8bit_grid(data):
         raise ValueError("data must lie on the 8-bit grid k/127.5 - 1 (k = 0..255): the discretized decoder (Ho eq. 13) assumes it")
     _check_positive_int("batch_size", batch_size)
-    if isinstance(variances, str) or not variances:
-        raise ValueError(f"variances must be a non-empty sequence of names, got {variances!r}")
-    variances = tuple(variances)
-    for variance in variances:
-        if not isinstance(variance, str) or variance not in diffusion.VARIANCES:
-            raise ValueError(f"variance must be one of {sorted(diffusion.VARIANCES)}, got {variance!r}")
-    if len(set(variances)) != len(variances):
-        raise ValueError(f"variances must be distinct, got {variances!r}")
-    analytic = "analytic" in variances
-    if analytic and gamma is None:
-        raise ValueError("variance='analytic' needs gamma [T] (from estimate_gamma)")
-    num_timesteps = schedule.num_timesteps
-    if num_steps is None:
-        num_steps = num_timesteps
-    _check_positive_int("num_steps", num_steps)
-    sub = schedules.respace(schedule, kept_steps(num_timesteps, num_steps, spacing))
-    sub_gamma = jnp.asarray(sub_chain_gamma(gamma, sub), jnp.float32) if analytic else None
-    learned = any(v in diffusion.LEARNED_VARIANCES for v in variances)
-    model_fn = as_partial(model_fn) if learned else mean_output_fn(model_fn)
+    if isinstance(variances, (str, variances_lib.Variance)) or not variances:
+        raise ValueError(f"variances must be a non-empty sequence of σ records or names, got {variances!r}")
+    records = [variances_lib.get(v) for v in variances]
+    names = [r.name for r in records]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variances must be distinct, got {names}")
+    if num_steps is not None:
+        _check_positive_int("num_steps", num_steps)
+    kept = schedules.kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
+    sub = schedules.respace(schedule, kept)
+    chain = variances_lib.chain(schedule, kept)
+    for record in records:
+        losses.check_has_bound(record)
+    resolved = [variances_lib.resolve(r, chain, stats, decoder=decoder, for_bound=True) for r in records]
+    model_fn = as_partial(model_fn)
+    losses.check_bound_inputs(model_fn, sub, jnp.asarray(data[:1]), resolved)
+    log_variances = tuple(None if r.log_variance is None else jnp.asarray(r.log_variance) for r in resolved)
+    networks = tuple(r.network for r in resolved)
     batch_size = min(batch_size, data.shape[0])
 
-    parts = {v: dict(total=[], prior=[], term_sums=np.zeros(num_steps)) for v in variances}
-    for index, (batch, count) in enumerate(_padded_batches(data, batch_size)):
-        out = _bound_terms(model_fn, sub, jnp.asarray(batch), jax.random.fold_in(rng, index), sub_gamma,
-                           variances=variances, mean_type=mean_type, clip_x0=bool(clip_x0))
-        for variance, part in parts.items():
-            part["total"].append(np.asarray(out[variance]["total"], np.float64)[:count])
-            part["prior"].append(np.asarray(out[variance]["prior"], np.float64)[:count])
-            part["term_sums"] += np.asarray(out[variance]["terms"], np.float64)[:, :count].sum(axis=1)
+    parts = [dict(total=[], prior=[], term_sums=np.zeros(len(kept))) for _ in records]
+    for index, (batch, count) in enumerate(statistics.padded_batches(data, batch_size)):
+        out = _bound_terms(model_fn, sub, jnp.asarray(batch), jax.random.fold_in(rng, index), log_variances,
+                           networks=networks, mean_type=mean_type, clip_x0=bool(clip_x0))
+        for part, terms in zip(parts, out):
+            part["total"].append(np.asarray(terms["total"], np.float64)[:count])
+            part["prior"].append(np.asarray(terms["prior"], np.float64)[:count])
+            part["term_sums"] += np.asarray(terms["terms"], np.float64)[:, :count].sum(axis=1)
     results = {}
-    for variance, part in parts.items():
+    for record, part in zip(records, parts):
         total = np.concatenate(part["total"])
-        results[variance] = dict(mean=float(total.mean()), stderr=standard_error(total), num_examples=int(total.size),
-                                 num_steps=int(num_steps), total=total, prior=np.concatenate(part["prior"]),
-                                 terms=part["term_sums"] / total.size)
+        results[record.name] = dict(mean=float(total.mean()), stderr=standard_error(total),
+                                    num_examples=int(total.size), num_steps=len(kept), total=total,
+                                    prior=np.concatenate(part["prior"]), terms=part["term_sums"] / total.size)
     return results

@@ -49,6 +49,35 @@ class MetricWriter:
             self._jsonl.close()
 
 
+def drop_metrics_after(logdir: str, step: int) -> None:
+    """Removes the rows of logdir/metrics.jsonl with a step > `step` (process 0; atomic: a rewritten copy replaces it).
+
+    A resumed run recomputes the steps after its checkpoint; without this, their
+    rows from the interrupted run would stay beside the new ones. A row cut off
+    mid-line by a crash is dropped too. (TensorBoard event files keep both: TensorBoard shows the newer.)
+    """
+    path = os.path.join(logdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 def read_metrics(logdir: str) -> list[dict]:
     """The rows of logdir/metrics.jsonl, in order."""
     with open(os.path.join(logdir, "metrics.jsonl"), encoding="utf-8") as f:

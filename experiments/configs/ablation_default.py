@@ -1,7 +1,7 @@
 """σ_t ablation at full size: every σ choice at K ∈ {10, 25, 50, 100, 200, 1000}, 3 seeds.
 
 Run on a trained model's workdir (EMA weights of the newest checkpoint):
-  python experiments/sigma_ablation.py --config=experiments/configs/ablation_default.py --workdir=RUN_DIR
+  python -m experiments.sigma_ablation --config=experiments/configs/ablation_default.py --workdir=RUN_DIR
 Results go to config.output_dir (default RUN_DIR/sigma_ablation). Sample quality is
 FDD/KID/IS on the digits classifier for digits, FID/IS/KID when
 quality.inception_weights (or $DDPM_JAX_FID_WEIGHTS) names the converted weights file.
@@ -16,13 +16,25 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_step = config_dict.placeholder(int)  # None: the newest intact checkpoint
     config.output_dir = config_dict.placeholder(str)  # None: <workdir>/sigma_ablation
 
+    # Names of ddpm_jax.variances.VARIANCES or 'module:NAME' / 'path/file.py:NAME' of your own Variance record.
     # learned_range / learned run only for a model trained with that variance.
     config.variances = ("fixed_large", "fixed_small", "learned_range", "analytic")
     config.ddim_etas = (0.0, 0.5, 1.0)
     config.num_steps = (10, 25, 50, 100, 200, 1000)
-    config.spacing = "even"
+    config.spacing = "even"  # 'even' | 'quad' | 'uniform' (ddpm_jax.schedules.space_timesteps)
     config.seeds = (0, 1, 2)
     config.grid_size = 64  # samples of the first seed in each setting's grid
+
+    # Paper conventions (each stated in every results file). See ddpm_jax/variances.py.
+    config.conventions = ml_collections.ConfigDict()
+    # Decoder-step variance σ_1²: 'full_chain' (β̃_2 of the T-step chain for every σ choice, as
+    # Analytic-DPM's code, whose Table 1 the README compares with), 'sub_chain' (improved-diffusion),
+    # 'floor_sub_chain' (this codebase's analytic σ before 2026-12), or 'own' (each record's default).
+    config.conventions.decoder = "full_chain"
+    # Analytic-DPM's sampler clips σ² on the last noisy steps (its released runs: 1 step, 2 levels);
+    # 0 = off, as Ho et al. and improved-diffusion sample.
+    config.conventions.sigma_clip_steps = 0
+    config.conventions.sigma_clip_pixel = 2.0
 
     config.sample = ml_collections.ConfigDict()
     config.sample.num_samples = 1000

@@ -4,21 +4,13 @@ Ho et al. 2020 report the bound of the full chain; sampling 1000 steps on CPU is
 what the quickstart cannot afford, the bound on the digits test split it can (minutes).
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _default() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("ablation_default", pathlib.Path(__file__).with_name("ablation_default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from ddpm_jax.from_config import load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _default()
+    config = load_config_file("ablation_default.py")
     config.variances = ("fixed_large", "fixed_small", "learned_range", "analytic")
     config.ddim_etas = ()
     config.num_steps = (1000,)

@@ -1,22 +1,12 @@
 """For tests: a ~40k-parameter UNet on the 8×8 digits, T = 100, batch 16; a run takes seconds on CPU."""
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _base() -> ml_collections.ConfigDict:
-    # Config files are loaded by path (config_flags), not as a package, so the
-    # shared base is loaded from its file beside this one.
-    spec = importlib.util.spec_from_file_location("ddpm_base_config", pathlib.Path(__file__).with_name("default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from ddpm_jax.from_config import load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _base()
+    config = load_config_file("default.py")
     config.data.dataset = "digits"
     config.data.random_flip = False
     config.model.ch = 8

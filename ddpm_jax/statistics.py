@@ -1,0 +1,121 @@
+"""Data statistics that a σ_t choice needs, estimated by Monte Carlo over training images.
+
+A `Statistic` is a record: its name (the key in the `stats` mapping that the
+sampler, the bound and the ablation pass around) and its estimator. Every
+statistic is an array over the FULL T-step chain, float64 [T]; steps that were
+not estimated hold NaN, so reading them fails loudly (`at_steps`).
+
+Built in: Γ_t = E_{q(x_0) q(ε)} ||ε_θ(x_t, t)||²/d (Bao et al. 2022, Analytic-DPM,
+Thm. 1 and §3). It depends only on the marginal q(x_t), so one estimate on the
+full chain serves every sub-chain through the step indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+
+from ddpm_jax import diffusion, schedules
+from ddpm_jax.schedules import Schedule
+
+Array = jax.Array
+ModelFn = Callable[[Array, Array], Array]
+# estimate(model_fn, schedule, data, rng, *, steps, batch_size, mean_type) -> float64 [T]
+Estimator = Callable[..., np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistic:
+    """A per-step statistic of a trained model over data: `name` keys it in `stats`; `estimate` computes it."""
+
+    name: str
+    estimate: Estimator
+    doc: str = ""
+
+
+def padded_batches(data: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(batch [batch_size, ...], number of real rows): the last batch is padded with
+    copies of row 0 so every batch has one static shape and compiles once."""
+    for start in range(0, data.shape[0], batch_size):
+        batch = data[start : start + batch_size]
+        count = batch.shape[0]
+        if count < batch_size:
+            pad = np.broadcast_to(data[:1], (batch_size - count,) + data.shape[1:])
+            batch = np.concatenate([batch, pad], axis=0)
+        yield batch, count
+
+
+def mean_output_fn(model_fn: ModelFn) -> Partial:
+    """The first C channels of the output: ε (or x_0, v) without a learned variance's extra C channels."""
+    return Partial(_mean_output, model_fn if isinstance(model_fn, Partial) else Partial(model_fn))
+
+
+def _mean_output(model_fn: ModelFn, x_t: Array, t: Array) -> Array:
+    return model_fn(x_t, t)[..., : x_t.shape[-1]]
+
+
+@functools.partial(jax.jit, static_argnames="mean_type")
+def _gamma_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, steps: Array, *,
+                 mean_type: str) -> Array:
+    """||ε_θ(x_t, t)||²/d for each step in `steps` [S] and each example of x0 [B] -> [S, B]."""
+    batch = x0.shape[0]
+
+    def one_step(_, inputs):
+        step, key = inputs
+        t = jnp.full((batch,), step, dtype=jnp.int32)
+        noise = jax.random.normal(key, x0.shape, x0.dtype)
+        x_t = diffusion.q_sample(schedule, x0, t, noise)
+        _, eps = diffusion.predict_x0_eps(schedule, x_t, t, model_fn(x_t, t), mean_type)
+        return None, jnp.mean(eps**2, axis=tuple(range(1, eps.ndim)))
+
+    keys = jax.random.split(rng, steps.shape[0])
+    _, sq_norms = jax.lax.scan(one_step, None, (steps, keys))
+    return sq_norms
+
+
+def estimate_gamma(model_fn: ModelFn, schedule: Schedule, data: np.ndarray, rng: Array, *,
+                   steps: Sequence[int] | None = None, batch_size: int = 256, mean_type: str = "eps") -> np.ndarray:
+    """Analytic-DPM §3: Γ_t ≈ (1/M) Σ_m ||ε_θ(x_t^m, t)||²/d, x_t^m ~ q(x_t|x_0^m), float64 [T].
+
+    schedule: the full T-step chain. data [M, ...]: training examples in [−1, 1],
+    each with a fresh ε per step. steps: the zero-based steps to estimate (default
+    all T, T·M network calls); the union of the kept steps of every sub-chain to
+    evaluate is enough. Other entries are NaN. Callers validate their inputs
+    (`evaluation.nll.estimate_gamma` is the checked public entry).
+    """
+    num_timesteps = schedule.num_timesteps
+    steps = np.arange(num_timesteps) if steps is None else schedules.validate_steps(steps, num_timesteps)
+    batch_size = min(batch_size, data.shape[0])
+    model_fn = mean_output_fn(model_fn)
+    total = np.zeros(len(steps), dtype=np.float64)
+    for index, (batch, count) in enumerate(padded_batches(data, batch_size)):
+        sq_norms = _gamma_terms(model_fn, schedule, jnp.asarray(batch), jax.random.fold_in(rng, index),
+                                jnp.asarray(steps, jnp.int32), mean_type=mean_type)
+        total += np.asarray(sq_norms, dtype=np.float64)[:, :count].sum(axis=1)
+    gamma = np.full(num_timesteps, np.nan)
+    gamma[steps] = total / data.shape[0]
+    return gamma
+
+
+GAMMA = Statistic("gamma", estimate_gamma, "Γ_t = E||ε_θ(x_t, t)||²/d (Bao et al. 2022, Thm. 1)")
+
+
+def at_steps(name: str, values: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    """A full-chain statistic [T] read at the steps a (sub-)chain visits -> float64 [K]; a clear error when
+    it has the wrong shape or was not estimated there."""
+    values = np.asarray(values, dtype=np.float64)
+    timesteps = np.asarray(timesteps)
+    if values.ndim != 1 or values.shape[0] <= timesteps.max():
+        raise ValueError(f"stats[{name!r}] must have shape [T] over the full chain (T > {timesteps.max()}), "
+                         f"got shape {values.shape}")
+    picked = values[timesteps]
+    if not np.all(np.isfinite(picked)):
+        missing = timesteps[~np.isfinite(picked)][:5].tolist()
+        raise ValueError(f"stats[{name!r}] was not estimated at steps {missing}...; estimate it at every kept step")
+    return picked
