@@ -108,7 +108,7 @@ def chain(schedule: Schedule, kept: np.ndarray | None = None) -> Chain:
     knows_first_two = timesteps[0] == 0 and len(timesteps) > 1 and timesteps[1] == 1
     beta_tilde_2 = _beta_tilde_2(own[:2]) if knows_first_two else (
         float(1.0 - own[0]) if len(timesteps) == 1 and timesteps[0] == 0 else None)
-    if kept is None:
+    if kept is None or len(kept) == len(timesteps):  # every step kept: the chain itself, as the sampler runs it
         return Chain(timesteps, own, beta_tilde_2)
     kept = np.asarray(kept)
     return Chain(timesteps[kept], floor_terminal(respaced_alphas_cumprod(schedule, kept)), beta_tilde_2)
