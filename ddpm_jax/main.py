@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import checkpoints, config_validation, data, from_config, resume, train
+from ddpm_jax import checkpoints, config_validation, data, from_config, pretrained, resume, train
 from ddpm_jax.evaluation import nll
 from ddpm_jax.utils import images as image_grid
 
@@ -47,6 +47,12 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "SLURM, Open MPI, Kubernetes).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --multihost: process count (default: auto).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --multihost: this process's index (default: auto).")
+_PRETRAINED = flags.DEFINE_string(
+    "pretrained", None, "A released diffusers DDPM (a directory, or a hub id such as google/ddpm-cifar10-32): "
+    "converted into --workdir as checkpoint step 0 when the workdir has no checkpoint yet, then used like a "
+    "trained run's (sample, eval, the σ ablation, or training = fine-tuning).")
+_PRETRAINED_DATASET = flags.DEFINE_string(
+    "pretrained_dataset", None, "The data set of --pretrained (a data.DATASETS name); default: from its name.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                          "Train: resume even when fields that change the experiment differ from "
                                          "the config that trained the checkpoints (ddpm_jax/resume.py).")
@@ -116,6 +122,21 @@ def write_eval_result(result: dict, workdir: str) -> None:
         logging.warning("The bound was printed but could not be written to %s: %s", path, err)
 
 
+def import_pretrained(source: str, workdir: str, dataset: str | None) -> None:
+    """--pretrained: the release as workdir's checkpoint step 0, unless workdir already has checkpoints.
+
+    One process converts: with --multihost, convert once beforehand (the existence check would race).
+    """
+    if jax.process_count() > 1:
+        raise app.UsageError("--pretrained converts in one process: run it once without --multihost first")
+    ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+    if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
+        logging.info("%s already has checkpoints; --pretrained=%s is not converted again", workdir, source)
+        return
+    config, params = pretrained.load(source, dataset=dataset)
+    pretrained.write_checkpoint(config, params, workdir, source=source)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -126,6 +147,8 @@ def main(argv: list[str]) -> None:
                                    process_id=_PROCESS_ID.value)
     logging.info("JAX %s: process %d of %d, %d local devices (%s)", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.devices()[0].platform)
+    if _PRETRAINED.value is not None:
+        import_pretrained(_PRETRAINED.value, _WORKDIR.value, _PRETRAINED_DATASET.value)
     if _MODE.value == "train":
         if _CONFIG.value is None:
             raise app.UsageError("--config is required for --mode=train")
