@@ -122,21 +122,6 @@ def write_eval_result(result: dict, workdir: str) -> None:
         logging.warning("The bound was printed but could not be written to %s: %s", path, err)
 
 
-def import_pretrained(source: str, workdir: str, dataset: str | None) -> None:
-    """--pretrained: the release as workdir's checkpoint step 0, unless workdir already has checkpoints.
-
-    One process converts: with --multihost, convert once beforehand (the existence check would race).
-    """
-    if jax.process_count() > 1:
-        raise app.UsageError("--pretrained converts in one process: run it once without --multihost first")
-    ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
-    if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
-        logging.info("%s already has checkpoints; --pretrained=%s is not converted again", workdir, source)
-        return
-    config, params = pretrained.load(source, dataset=dataset)
-    pretrained.write_checkpoint(config, params, workdir, source=source)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -148,7 +133,9 @@ def main(argv: list[str]) -> None:
     logging.info("JAX %s: process %d of %d, %d local devices (%s)", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.devices()[0].platform)
     if _PRETRAINED.value is not None:
-        import_pretrained(_PRETRAINED.value, _WORKDIR.value, _PRETRAINED_DATASET.value)
+        if jax.process_count() > 1:
+            raise app.UsageError("--pretrained converts in one process: run it once without --multihost first")
+        pretrained.convert_into_workdir(_PRETRAINED.value, _WORKDIR.value, dataset=_PRETRAINED_DATASET.value)
     if _MODE.value == "train":
         if _CONFIG.value is None:
             raise app.UsageError("--config is required for --mode=train")

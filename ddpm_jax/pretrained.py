@@ -20,6 +20,7 @@ torch (`pip install ddpm_jax[peers]`).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 from typing import Any
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from ddpm_jax import checkpoints, config_validation, data, train
 from ddpm_jax.from_config import CONFIG_DIR, build_model, image_shape, load_config_file
@@ -413,3 +415,15 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: Any, workdir: st
         manager.wait_until_finished()
         manager.close()
     checkpoints.write_config(workdir, config)
+
+
+def convert_into_workdir(source: str, workdir: str, *, dataset: str | None = None) -> bool:
+    """A release as `workdir`'s checkpoint step 0, unless the workdir has checkpoints already (then nothing is
+    converted again). Returns True when it converted. One process only: the existence check would race."""
+    ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+    if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
+        logging.info("%s already has checkpoints; --pretrained=%s is not converted again", workdir, source)
+        return False
+    config, params = load(source, dataset=dataset)
+    write_checkpoint(config, params, workdir, source=source)
+    return True

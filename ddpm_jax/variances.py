@@ -226,7 +226,7 @@ def ddim(eta: float) -> Variance:
         note = "DDIM η=1 is ancestral sampling with σ²=β̃ (Song et al. eq. 16): its bound is fixed_small's"
     else:
         note = ("DDIM 0<η<1 is Gaussian but its bound needs the non-Markovian posterior q_σ (Song et al. eq. 7), "
-                "which is not implemented; it grows as 1/η² for η→0")
+                "computed by ddpm_jax.ddim_bound, not by the ancestral bound; it grows as 1/η² for η→0")
     return Variance(f"ddim_eta{eta:g}", functools.partial(_ddim_variance, eta), ddim_eta=eta,
                     has_bound=eta == 1.0, bound_note=note, source="Song et al. 2021, eqs. 12 and 16")
 

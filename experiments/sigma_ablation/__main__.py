@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import checkpoints, data, from_config
+from ddpm_jax import checkpoints, data, from_config, pretrained
 from ddpm_jax.evaluation import inception, quality
 from ddpm_jax.models import count_params
 
@@ -36,6 +36,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Ablation config file 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the training run whose checkpoint is evaluated.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite results.csv/.md and the plots from the "
                                   "per_seed.csv and run_info.json already in the output directory.")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "A released diffusers DDPM (directory or hub id): converted "
+                                  "into --workdir as checkpoint step 0 first, unless it has checkpoints already.")
+_PRETRAINED_DATASET = flags.DEFINE_string("pretrained_dataset", None, "The data set of --pretrained (default: "
+                                          "from its name).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,6 +54,8 @@ def main(argv):
         report.write_report(out_dir, report.read_records(os.path.join(out_dir, "per_seed.csv")), {}, info, None)
         return
     settings.validate_config(config)
+    if _PRETRAINED.value is not None:
+        pretrained.convert_into_workdir(_PRETRAINED.value, workdir, dataset=_PRETRAINED_DATASET.value)
     model_fn, schedule, train_config, step = runner.load_model(workdir, config.checkpoint_step)
     settings.validate_config(config, schedule.num_timesteps)
     out_dir = config.output_dir or os.path.join(workdir, "sigma_ablation")
