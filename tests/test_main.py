@@ -108,6 +108,7 @@ def test_eval_mode_reports_the_bound_in_bits_per_dim(trained):
     assert (result["num_examples"], result["num_steps"], result["step"]) == (16, 10, 3)
     # L_vlb = L_T + Σ L_{t−1} + L_0 with every term >= 0 (KLs, and −log of a probability).
     assert np.isfinite(result["bpd"]) and result["bpd"] > result["prior_bpd"] >= 0
+    main.write_eval_result(result, workdir)  # main() prints the result first, then writes it
     with open(os.path.join(workdir, "eval", "nll_00000003.json"), encoding="utf-8") as f:
         assert json.load(f) == result
 
