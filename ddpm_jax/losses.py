@@ -229,16 +229,19 @@ def bpd_terms(
         sub, c = schedules.respace(schedule, kept), variances.chain(schedule, kept)
     else:
         sub, c = schedule, variances.chain(schedule)
+    check_has_bound(variances.get(variance))
     resolved = variances.resolve(variance, c, stats, decoder=decoder, for_bound=True)
-    check_has_bound(resolved.record)
     check_bound_inputs(model_fn, sub, x0, (resolved,))
     return bound_terms(model_fn, sub, x0, rng, (_as_array(resolved.log_variance),), networks=(resolved.network,),
                        mean_type=mean_type, clip_x0=clip_x0)[0]
 
 
-def check_has_bound(record: variances.Variance) -> None:
+def check_has_bound(record: variances.Variance, *, ddim_allowed: bool = False) -> None:
     if not record.has_bound:
-        raise ValueError(f"variance {record.name!r} has no Gaussian bound here: {record.bound_note}")
+        raise ValueError(f"variance {record.name!r} has no bound: {record.bound_note}")
+    if record.ddim_eta is not None and not ddim_allowed:
+        raise ValueError(f"variance {record.name!r} is DDIM: its bound is ddim_bound.ddim_bpd_terms (with q_σ, "
+                         f"Song et al. eqs. 7–8), or evaluation.nll for a data split")
 
 
 def _as_array(values: np.ndarray | None) -> Array | None:

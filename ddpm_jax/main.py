@@ -32,6 +32,7 @@ from ml_collections import config_flags
 from ddpm_jax import checkpoints, config_validation, data, from_config, pretrained, resume, train
 from ddpm_jax.evaluation import nll
 from ddpm_jax.utils import images as image_grid
+from ddpm_jax.utils import runtime
 
 MODES = ("train", "sample", "eval")
 
@@ -123,6 +124,7 @@ def write_eval_result(result: dict, workdir: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    runtime.enable_compilation_cache()  # before the first jit: later starts load the compiled programs
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None:

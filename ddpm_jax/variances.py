@@ -55,7 +55,7 @@ class Chain:
 
     timesteps: np.ndarray  # int64 [K]: the full chain's step each step stands for
     alphas_cumprod: np.ndarray  # ᾱ [K]
-    full_beta_tilde_2: float | None  # β̃_2 of the full T-step chain (β_1 when T = 1); None: unknown
+    full_beta_tilde_2: float | None  # β̃_2 of the full T-step chain; None: unknown
 
     @property
     def num_steps(self) -> int:
@@ -91,8 +91,6 @@ class Chain:
 
 
 def _beta_tilde_2(alphas_cumprod: np.ndarray) -> float:
-    if len(alphas_cumprod) == 1:
-        return float(1.0 - alphas_cumprod[0])
     ac1, ac2 = alphas_cumprod[0], alphas_cumprod[1]
     return float((1.0 - ac2 / ac1) * (1.0 - ac1) / (1.0 - ac2))
 
@@ -106,8 +104,8 @@ def chain(schedule: Schedule, kept: np.ndarray | None = None) -> Chain:
     timesteps = np.asarray(schedule.timesteps, np.int64)
     own = alphas_cumprod_f64(schedule)
     knows_first_two = timesteps[0] == 0 and len(timesteps) > 1 and timesteps[1] == 1
-    beta_tilde_2 = _beta_tilde_2(own[:2]) if knows_first_two else (
-        float(1.0 - own[0]) if len(timesteps) == 1 and timesteps[0] == 0 else None)
+    # A 1-step schedule alone cannot tell a T = 1 chain from a respaced one: no β̃_2 (decoder='full_chain' raises).
+    beta_tilde_2 = _beta_tilde_2(own[:2]) if knows_first_two else None
     if kept is None or len(kept) == len(timesteps):  # every step kept: the chain itself, as the sampler runs it
         return Chain(timesteps, own, beta_tilde_2)
     kept = np.asarray(kept)
@@ -160,7 +158,7 @@ class Variance:
     needs: tuple[statistics.Statistic, ...] = ()  # statistics the variance function reads, with their estimators
     decoder: str = "sub_chain"  # default decoder-step convention (a key of DECODERS)
     ddim_eta: float | None = None  # DDIM (Song et al. 2021, eq. 12) with σ(η) instead of ancestral sampling
-    has_bound: bool = True  # False: no Gaussian bound of this reverse process is computed (bound_note says why)
+    has_bound: bool = True  # False: this reverse process has no bound (bound_note says why); DDIM's is ddim_bound's
     bound_note: str = ""  # what the bound is, or why there is none
     source: str = ""  # the paper and equation
 
@@ -223,12 +221,12 @@ def ddim(eta: float) -> Variance:
     if eta == 0.0:
         note = "DDIM η=0 is deterministic given x_T: p(x_{t−1}|x_t) is a point mass, no bound exists"
     elif eta == 1.0:
-        note = "DDIM η=1 is ancestral sampling with σ²=β̃ (Song et al. eq. 16): its bound is fixed_small's"
+        note = "DDIM η=1 is ancestral sampling with σ²=β̃ (Song et al. eq. 16): its bound equals fixed_small's"
     else:
-        note = ("DDIM 0<η<1 is Gaussian but its bound needs the non-Markovian posterior q_σ (Song et al. eq. 7), "
-                "computed by ddpm_jax.ddim_bound, not by the ancestral bound; it grows as 1/η² for η→0")
+        note = ("DDIM's bound with its non-Markovian posterior q_σ (Song et al. eqs. 7–8, ddpm_jax.ddim_bound); "
+                "it grows as 1/η² for η→0")
     return Variance(f"ddim_eta{eta:g}", functools.partial(_ddim_variance, eta), ddim_eta=eta,
-                    has_bound=eta == 1.0, bound_note=note, source="Song et al. 2021, eqs. 12 and 16")
+                    has_bound=eta > 0.0, bound_note=note, source="Song et al. 2021, eqs. 12 and 16")
 
 
 def _ddim_variance(eta: float, c: Chain, stats) -> np.ndarray:

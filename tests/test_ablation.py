@@ -73,8 +73,10 @@ def test_report_has_one_row_per_setting_and_k(report):
     rows = _read_csv(report / "results.csv")
     # learned_range is skipped: the tiny model was trained with a fixed variance. geometric is the
     # README's own σ (experiments/custom_sigma.py), given by 'file:NAME' in the config.
-    expected = {(s, k) for s in ("analytic", "geometric", "ddim_eta0") for k in (2, 5)}
-    assert {(r["setting"], int(r["K"])) for r in rows} == expected
+    # Optimal trajectories exist for analytic and geometric (σ² a function of the chain), not DDIM η = 0.
+    expected = {(s, "even", k) for s in ("analytic", "geometric", "ddim_eta0") for k in (2, 5)}
+    expected |= {(s, "optimal", k) for s in ("analytic", "geometric") for k in (2, 5)}
+    assert {(r["setting"], r["spacing"], int(r["K"])) for r in rows} == expected
     for row in rows:
         assert int(row["num_seeds"]) == 2 and int(row["num_samples"]) == 16
         for metric in ("fdd", "kid", "digits_is", "sample_time_s"):
@@ -93,7 +95,7 @@ def test_rows_are_the_mean_and_std_of_the_per_seed_records(report):
     rows = _read_csv(report / "results.csv")
     records = _read_csv(report / "per_seed.csv")
     for row in rows:
-        group = [r for r in records if r["setting"] == row["setting"] and r["K"] == row["K"]]
+        group = [r for r in records if (r["setting"], r["spacing"], r["K"]) == (row["setting"], row["spacing"], row["K"])]
         assert sorted(int(r["seed"]) for r in group) == [0, 1]
         for metric in ("nll_bpd", "fdd", "kid"):
             values = np.array([_float(r.get(metric, "")) for r in group])
@@ -105,13 +107,15 @@ def test_rows_are_the_mean_and_std_of_the_per_seed_records(report):
 
 def test_markdown_plots_and_grids_are_written(report):
     table = (report / "results.md").read_text(encoding="utf-8")
-    assert table.count("| analytic |") == 2 and table.count("| geometric |") == 2
+    assert table.count("| analytic | even |") == 2 and table.count("| geometric | optimal |") == 2
+    assert "Δ bound vs analytic" in table
     assert "ddim_eta0 [1]" in table and "[1] ddim_eta0:" in table and "decoder-step variance 'full_chain'" in table
     for name in ("nll_vs_k.png", "quality_vs_k.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (report / "grids").glob("*.png")) == [
-        "analytic_K2.png", "analytic_K5.png", "data_test.png", "ddim_eta0_K2.png", "ddim_eta0_K5.png",
-        "geometric_K2.png", "geometric_K5.png"]
+        "analytic_K2.png", "analytic_K5.png", "analytic_optimal_K2.png", "analytic_optimal_K5.png", "data_test.png",
+        "ddim_eta0_K2.png", "ddim_eta0_K5.png", "geometric_K2.png", "geometric_K5.png", "geometric_optimal_K2.png",
+        "geometric_optimal_K5.png"]
 
 
 def test_sigma_choices_keep_only_the_trained_learned_variance_and_explain_ddim():
@@ -122,13 +126,14 @@ def test_sigma_choices_keep_only_the_trained_learned_variance_and_explain_ddim()
     config.variances, config.ddim_etas = ("learned_range",), (1.0,)
     choices = settings.sigma_choices(config, variances.LEARNED_RANGE)
     assert [(c.name, c.has_bound) for c in choices] == [("learned_range", True), ("ddim_eta1", True)]
-    assert [variances.ddim(eta).has_bound for eta in (0.0, 0.5, 1.0)] == [False, False, True]
+    assert [variances.ddim(eta).has_bound for eta in (0.0, 0.5, 1.0)] == [False, True, True]  # 0<η: q_σ bound
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("variances", ("fixed_large", "big"), "variance must be one of"),
     ("variances", ("fixed_large", "fixed_large"), "variances must be distinct"),
-    ("spacing", "linear", "spacing must be one of"),
+    ("spacings", ("even", "linear"), "spacings must be a non-empty tuple"),
+    ("reference", "fixed_medium", "reference must be None or one of"),
     ("num_steps", (10, 2000), "num_steps must be"),
     ("ddim_etas", (1.5,), "ddim_etas must be"),
 ])

@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax/diffusion.py (and the Gaussian oracles of ddpm_jax/oracles.py).
+"""Tests for ddpm_jax/diffusion.py, the σ_t records of ddpm_jax/variances.py, and the Gaussian oracles (tests/oracles.py).
 
 Every float32 result is compared with a float64 NumPy formula written from the
 paper, within a float32 error budget scaled by the size of the terms that are
@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddpm_jax import diffusion, oracles, schedules
+from ddpm_jax import diffusion, schedules, variances
+import oracles
 
 EPS32 = 1e-5  # float32 budget, relative to the sum of magnitudes of the terms
 
@@ -36,6 +37,32 @@ def _chain(name):
         "one_step": lambda: schedules.respace(_chain("linear"), [0]),
         "custom": lambda: get("custom", 4, betas=[0.3, 0.6, 0.9, 0.999]),
     }[name]()
+
+
+# The full chain each respaced one came from (the 'full_chain' decoder convention reads its β̃_2).
+FULL = {"cosine_quad10": "cosine", "linear_even25": "linear", "one_step": "linear"}
+
+
+def _host_chain(name):
+    """variances.chain of a named chain, given its full chain when it is respaced."""
+    if name not in FULL:
+        return variances.chain(_chain(name))
+    return variances.chain(_chain(FULL[name]), np.asarray(_chain(name).timesteps))
+
+
+def _full_stats(name, gamma):
+    """{'gamma': Γ over the FULL chain [T]} holding `gamma` [K] at the chain's steps, NaN elsewhere."""
+    full = np.full(_chain(FULL.get(name, name)).num_timesteps, np.nan)
+    full[np.asarray(_chain(name).timesteps)] = gamma
+    return {"gamma": full}
+
+
+def _log_variance(record, name, t, shape, var_out=None, gamma=None, decoder=None):
+    """log σ_t² of a σ record on a named chain for a batch t, as the sampler and the bound read it."""
+    resolved = variances.resolve(record, _host_chain(name), None if gamma is None else _full_stats(name, gamma),
+                                 decoder=decoder)
+    log_var = None if resolved.log_variance is None else jnp.asarray(resolved.log_variance)
+    return variances.batch_log_variance(resolved.network, log_var, _chain(name), var_out, t, shape)
 
 
 CHAINS = ("linear", "cosine", "quadratic", "sigmoid", "cosine_zero_snr", "linear_zero_snr",
@@ -69,6 +96,11 @@ def cases(draw):
     step = st.one_of(st.just(0), st.just(K - 1), st.integers(0, K - 1))
     t = draw(st.lists(step, min_size=shape[0], max_size=shape[0]))
     return name, t, draw(st.integers(0, 2**16)), shape
+
+
+def _small_log_var(schedule, t, x):
+    """log β̃_t (clipped at t = 1) read at t: a σ² for p_mean_variance where only its mean is tested."""
+    return diffusion.extract(schedule.posterior_log_variance_clipped, t, x.shape)
 
 
 def _unpack(case):
@@ -163,7 +195,7 @@ def test_eps_to_mean_is_ho_eq11_and_the_posterior_mean_at_x0_hat(case, reference
     # μ̃_t(x_t, x̂_0(ε)): the same mean through the posterior, as p_mean_variance computes it.
     c1, c2, rs, rm = (_at(ref[k], t, x0.shape) for k in (
         "posterior_mean_coef1", "posterior_mean_coef2", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"))
-    p_mean = diffusion.p_mean_variance(schedule, eps_model, x_t, t)["mean"]
+    p_mean = diffusion.p_mean_variance(schedule, eps_model, x_t, t, _small_log_var(schedule, t, x_t))["mean"]
     _close(p_mean, ho_eq11, scale + c1 * (rs * abs(xt) + rm * abs(e)) + c2 * abs(xt), what="p_mean")
 
 
@@ -173,33 +205,44 @@ def test_mean_types_give_the_same_mean(case):
     schedule, t, x0, eps = _unpack(case)
     x_t = diffusion.q_sample(schedule, x0, t, eps)
     outputs = {"eps": eps, "x0": x0, "v": diffusion.x0_eps_to_v(schedule, x0, t, eps)}
-    means = {k: diffusion.p_mean_variance(schedule, o, x_t, t, mean_type=k) for k, o in outputs.items()}
+    log_var = _small_log_var(schedule, t, x_t)
+    means = {k: diffusion.p_mean_variance(schedule, o, x_t, t, log_var, mean_type=k) for k, o in outputs.items()}
     expected, _, _ = diffusion.q_posterior(schedule, x0, x_t, t)
     scale = np.abs(np.asarray(expected)) + np.abs(np.asarray(x_t)) + 1e-3
     for k, out in means.items():
         # ε → x̂_0 divides by √ᾱ_t, so the ε form is only as accurate as 1/√ᾱ_t allows.
         amp = 1.0 if k != "eps" else _at(schedule.sqrt_recip_alphas_cumprod, t, x0.shape)
         _close(out["mean"], np.asarray(expected, np.float64), scale * amp, tol=1e-4, what=k)
-    clipped = diffusion.p_mean_variance(schedule, 3.0 * x0, x_t, t, mean_type="x0", clip_x0=True)
+    clipped = diffusion.p_mean_variance(schedule, 3.0 * x0, x_t, t, log_var, mean_type="x0", clip_x0=True)
     np.testing.assert_array_equal(clipped["pred_x0"], jnp.clip(3.0 * x0, -1, 1))
 
 
 def test_jit_matches_eager():
-    schedule = _chain("cosine_quad10")
+    name = "cosine_quad10"
+    schedule = _chain(name)
     rng = np.random.default_rng(0)
     x0, eps = (jnp.asarray(rng.standard_normal((4, 3, 3, 2)), jnp.float32) for _ in range(2))
     t = jnp.asarray([0, 3, 8, 9], jnp.int32)
-    gamma = jnp.linspace(0.2, 0.9, 10)
+    stats = _full_stats(name, np.linspace(0.2, 0.9, 10))
+    c = _host_chain(name)
+
+    def p_mean_variance(s, record, log_var_K):  # every σ record as the sampler reads it, in the traced code
+        output = jnp.concatenate([x0, jnp.tanh(eps)], -1) if record.from_network else x0
+        mean_out, var_out = diffusion.split_model_output(output, record.from_network)
+        log_var = variances.batch_log_variance(record.network, log_var_K, s, var_out, t, eps.shape)
+        return diffusion.p_mean_variance(s, mean_out, eps, t, log_var)
+
     functions = {
         "q_sample": lambda s: diffusion.q_sample(s, x0, t, eps),
         "q_posterior": lambda s: diffusion.q_posterior(s, x0, eps, t),
         "eps_to_mean": lambda s: diffusion.eps_to_mean(s, eps, t, x0),
-        **{v: functools.partial(lambda s, v: diffusion.p_mean_variance(
-            s, jnp.concatenate([x0, jnp.tanh(eps)], -1) if v in diffusion.LEARNED_VARIANCES else x0, eps, t,
-            variance=v, gamma=gamma), v=v) for v in diffusion.VARIANCES},
-    }  # fmt: skip
-    for name, fn in functions.items():
-        chex.assert_trees_all_close(jax.jit(fn)(schedule), fn(schedule), rtol=1e-6, atol=1e-6, custom_message=name)
+    }
+    for key, record in variances.VARIANCES.items():
+        resolved = variances.resolve(record, c, stats)
+        log_var_K = None if resolved.log_variance is None else jnp.asarray(resolved.log_variance)
+        functions[key] = functools.partial(p_mean_variance, record=record, log_var_K=log_var_K)
+    for key, fn in functions.items():
+        chex.assert_trees_all_close(jax.jit(fn)(schedule), fn(schedule), rtol=1e-6, atol=1e-6, custom_message=key)
 
 
 # --------------------------------------------------------------------------
@@ -215,23 +258,31 @@ def _analytic_reference(ref, gamma):
     return np.clip(lam2 + gap2 * (1 - np.clip(gamma, 0, 1)), lam2, upper), lam2, upper, gap2
 
 
+# (record, decoder-step convention): each record with its default, and the analytic σ under every convention.
+VARIANCE_CASES = [(v, None) for v in sorted(variances.VARIANCES)] + [("analytic", d) for d in sorted(variances.DECODERS)]
+
+
 @pytest.mark.parametrize("name", CHAINS)
-@pytest.mark.parametrize("variance", sorted(diffusion.VARIANCES))
-def test_every_variance_matches_float64(name, variance, reference_fields):
+@pytest.mark.parametrize("variance, decoder", VARIANCE_CASES)
+def test_every_variance_matches_float64(name, variance, decoder, reference_fields):
     schedule = _chain(name)
     ref = _reference(schedule, reference_fields)
+    full_ref = _reference(_chain(FULL.get(name, name)), reference_fields)
     K = schedule.num_timesteps
     t = jnp.arange(K, dtype=jnp.int32)
     x_t = jnp.zeros((K, 2), jnp.float32)
     u = np.linspace(-1, 1, K)  # the learned output, per step
     var_out = np.stack([u, -u], -1).astype(np.float32)
     gamma = np.linspace(0.0, 1.0, K)
-    output = jnp.concatenate([x_t, var_out], -1) if variance in diffusion.LEARNED_VARIANCES else x_t
-    gamma32 = jnp.asarray(gamma, jnp.float32)
-    log_var = diffusion.p_mean_variance(schedule, output, x_t, t, variance=variance, gamma=gamma32)["log_variance"]
+    record = variances.VARIANCES[variance]
+    output = jnp.concatenate([x_t, var_out], -1) if record.from_network else x_t
+    mean_out, var_part = diffusion.split_model_output(output, record.from_network)
+    log_var = _log_variance(record, name, t, x_t.shape, var_part, gamma, decoder)
+    log_var = diffusion.p_mean_variance(schedule, mean_out, x_t, t, log_var)["log_variance"]
     chex.assert_shape(log_var, (K, 2))
 
-    clipped = np.log(ref["posterior_variance"][1]) if K > 1 else np.log(ref["betas"][0])  # log β̃_2 at t = 1
+    sub_beta_tilde_2 = ref["posterior_variance"][1] if K > 1 else ref["betas"][0]  # β̃ at the chain's 2nd step
+    clipped = np.log(sub_beta_tilde_2)
     log_tilde = np.append(clipped, np.log(ref["posterior_variance"][1:]))
     log_beta = np.append(clipped, np.log(ref["betas"][1:]))
     if variance == "fixed_small":
@@ -245,9 +296,25 @@ def test_every_variance_matches_float64(name, variance, reference_fields):
         expected = frac * np.log(ref["betas"])[:, None] + (1 - frac) * log_tilde[:, None]
     else:
         sigma2 = _analytic_reference(ref, gamma)[0]
-        sigma2[0] = max(sigma2[0], np.exp(clipped))
+        # The decoder step t = 1: the full T-step chain's β̃_2 (the default), the sub-chain's, or the
+        # sub-chain's as a floor under the record's own value (this codebase before 2026-12).
+        decoder = decoder or "full_chain"
+        sigma2[0] = {"full_chain": full_ref["posterior_variance"][1], "sub_chain": sub_beta_tilde_2,
+                     "floor_sub_chain": max(sigma2[0], sub_beta_tilde_2)}[decoder]
         expected = np.log(sigma2)[:, None]
     np.testing.assert_allclose(log_var, np.broadcast_to(expected, (K, 2)), rtol=2e-5, atol=2e-6)
+
+
+def test_fixed_variances_keep_their_old_float32_values():
+    """fixed_large/fixed_small resolved on the host equal, bit for bit, the float32 schedule fields
+    they were read from before σ became data (log β̃ clipped at t = 1; log β_t with log β̃_2 at t = 1)."""
+    for name in CHAINS:
+        schedule, c = _chain(name), _host_chain(name)
+        small = variances.resolve("fixed_small", c).log_variance
+        large = variances.resolve("fixed_large", c).log_variance
+        np.testing.assert_array_equal(small, np.asarray(schedule.posterior_log_variance_clipped), err_msg=name)
+        np.testing.assert_array_equal(large[1:], np.asarray(schedule.log_betas)[1:], err_msg=name)
+        np.testing.assert_array_equal(large[:1], small[:1], err_msg=name)
 
 
 @settings(max_examples=30, deadline=None)
@@ -256,18 +323,21 @@ def test_analytic_variance_within_thm2_bounds(name, seed, reference_fields):
     schedule = _chain(name)
     K = schedule.num_timesteps
     ref = _reference(schedule, reference_fields)
+    c = _host_chain(name)
     gamma = np.random.default_rng(seed).uniform(-0.5, 1.5, K)  # clipped to [0, 1] by the code
-    sigma2 = np.asarray(diffusion.analytic_variance(schedule, jnp.asarray(gamma, jnp.float32)), np.float64)
+    sigma2 = variances.analytic_variance(c, gamma)
+    assert sigma2.dtype == np.float64 and sigma2.shape == (K,)
     expected, lower, upper, gap2 = _analytic_reference(ref, gamma)
     np.testing.assert_allclose(sigma2, expected, rtol=2e-5)
-    lo, hi = diffusion.analytic_variance_bounds(schedule)
+    # Thm. 2's bounds, from the chain's float64 λ² = β̃ and c_t = √ᾱ_{t−1} β_t/(1 − ᾱ_t).
+    lo, hi = c.posterior_variance, c.posterior_variance + c.posterior_mean_coef1**2
     np.testing.assert_allclose(lo, lower, rtol=1e-6)
     np.testing.assert_allclose(hi, upper, rtol=2e-5)
     assert np.all(sigma2 >= lower * (1 - 1e-6)) and np.all(sigma2 <= upper * (1 + 2e-5))
     # Γ = 1: the lower bound λ² = β̃. Γ = 0: λ² + gap², unclipped wherever SNR_t = ᾱ_t/(1 − ᾱ_t) >= 1.
-    at_one = diffusion.analytic_variance(schedule, jnp.ones(K))
+    at_one = variances.analytic_variance(c, np.ones(K))
     np.testing.assert_allclose(at_one, lower, rtol=1e-6)
-    at_zero = np.asarray(diffusion.analytic_variance(schedule, jnp.zeros(K)))
+    at_zero = variances.analytic_variance(c, np.zeros(K))
     snr_high = ref["alphas_cumprod"] >= 1 - ref["alphas_cumprod"]
     np.testing.assert_allclose(at_zero[snr_high], (lower + gap2)[snr_high], rtol=2e-5)
     np.testing.assert_allclose(at_zero, np.minimum(lower + gap2, upper), rtol=2e-5)
@@ -279,38 +349,91 @@ def test_analytic_variance_within_thm2_bounds(name, seed, reference_fields):
         st.sampled_from(CHAINS),
         st.sampled_from([1, 2, 30]).flatmap(lambda k: st.lists(st.floats(1e-6, 0.999), min_size=k, max_size=k)),
     ),
-    variance=st.sampled_from(sorted(diffusion.VARIANCES)),
+    variance=st.sampled_from(sorted(variances.VARIANCES)),
     mean_type=st.sampled_from(diffusion.MEAN_TYPES),
     clip_x0=st.booleans(),
 )
 def test_no_nan_or_inf_anywhere(chain, variance, mean_type, clip_x0):
-    chain = _chain(chain) if isinstance(chain, str) else schedules.get_schedule("custom", len(chain), betas=chain)
-    K = chain.num_timesteps
+    if isinstance(chain, str):
+        schedule, c = _chain(chain), _host_chain(chain)
+        T = _chain(FULL.get(chain, chain)).num_timesteps
+    else:
+        schedule = schedules.get_schedule("custom", len(chain), betas=chain)
+        c, T = variances.chain(schedule), len(chain)
+    K = schedule.num_timesteps
     t = jnp.arange(K, dtype=jnp.int32)
     rng = np.random.default_rng(K)
     x_t = jnp.asarray(rng.standard_normal((K, 3)), jnp.float32)
     out = jnp.asarray(rng.standard_normal((K, 3)), jnp.float32)
-    if variance in diffusion.LEARNED_VARIANCES:
-        out = jnp.concatenate([out, jnp.tanh(out)], -1)
-    gamma = jnp.asarray(rng.uniform(0, 1, K), jnp.float32)
-    p = diffusion.p_mean_variance(
-        chain, out, x_t, t, variance=variance, mean_type=mean_type, clip_x0=clip_x0, gamma=gamma
-    )
+    record = variances.VARIANCES[variance]
+    resolved = variances.resolve(record, c, {"gamma": rng.uniform(0, 1, T)})
+    log_var_K = None if resolved.log_variance is None else jnp.asarray(resolved.log_variance)
+    log_var = variances.batch_log_variance(record.network, log_var_K, schedule, jnp.tanh(out), t, x_t.shape)
+    p = diffusion.p_mean_variance(schedule, out, x_t, t, log_var, mean_type=mean_type, clip_x0=clip_x0)
     for key, value in p.items():
         chex.assert_shape(value, (K, 3))
         assert np.all(np.isfinite(value)), key
-    assert np.all(np.isfinite(diffusion.eps_to_mean(chain, x_t, t, out[..., :3])))
+    assert np.all(np.isfinite(diffusion.eps_to_mean(schedule, x_t, t, out)))
 
 
 def test_bad_choices_name_the_field():
     schedule, x = _chain("linear"), jnp.zeros((2, 3))
     t = jnp.zeros((2,), jnp.int32)
     with pytest.raises(ValueError, match="variance must be one of"):
-        diffusion.p_mean_variance(schedule, x, x, t, variance="large")
-    with pytest.raises(ValueError, match="gamma"):
-        diffusion.p_mean_variance(schedule, x, x, t, variance="analytic")
+        variances.get("large")
+    with pytest.raises(ValueError, match="needs stats \\['gamma'\\]"):
+        variances.resolve("analytic", variances.chain(schedule))
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        variances.resolve("fixed_small", variances.chain(schedule), decoder="middle")
     with pytest.raises(ValueError, match="mean_type"):
-        diffusion.p_mean_variance(schedule, x, x, t, mean_type="score")
+        diffusion.p_mean_variance(schedule, x, x, t, _small_log_var(schedule, t, x), mean_type="score")
+
+
+# --------------------------------------------------------------------------
+# check_t: the step index of q_sample, q_mean_variance and q_posterior.
+
+
+@pytest.mark.parametrize("bad, match", [
+    (jnp.asarray([0, 1000], jnp.int32), "\\[0, 999\\]"),  # t = T
+    (jnp.asarray([-1, 3], jnp.int32), "\\[0, 999\\]"),  # t = −1
+    (np.asarray([1, 5000], np.int64), "\\[0, 999\\]"),  # NumPy ints are checked too
+    (jnp.asarray([1.0, 2.0], jnp.float32), "integer"),  # a float t is refused, not truncated
+    (jnp.asarray([1, 2, 3], jnp.int32), "shape \\[B\\]"),  # one step per example: B = 2
+    (jnp.asarray(1, jnp.int32), "shape \\[B\\]"),  # a scalar is not [B]
+])  # fmt: skip
+def test_q_functions_refuse_a_bad_t_and_name_it(bad, match):
+    schedule = _chain("linear")
+    x = jnp.zeros((2, 3), jnp.float32)
+    calls = {
+        "q_sample": lambda: diffusion.q_sample(schedule, x, bad, x),
+        "q_mean_variance": lambda: diffusion.q_mean_variance(schedule, x, bad),
+        "q_posterior": lambda: diffusion.q_posterior(schedule, x, x, bad),
+    }
+    for key, call in calls.items():
+        with pytest.raises(ValueError, match=f"^t must .*{match}"):
+            call()
+
+
+def test_check_t_accepts_every_step_and_the_range_is_the_chain_s_own():
+    sub = _chain("cosine_quad10")  # K = 10: its steps are 0..9, whatever original steps they stand for
+    x = jnp.ones((10, 2), jnp.float32)
+    t = jnp.arange(10, dtype=jnp.int32)
+    np.testing.assert_allclose(diffusion.q_sample(sub, x, t, 0 * x)[:, 0], sub.sqrt_alphas_cumprod)
+    with pytest.raises(ValueError, match="\\[0, 9\\]"):
+        diffusion.q_posterior(sub, x[:1], x[:1], jnp.asarray([10], jnp.int32))
+
+
+def test_under_jit_a_float_or_misshaped_t_still_raises():
+    schedule = _chain("linear")
+    x = jnp.zeros((2, 3), jnp.float32)
+    q_sample = jax.jit(lambda t: diffusion.q_sample(schedule, x, t, x))
+    q_posterior = jax.jit(lambda t: diffusion.q_posterior(schedule, x, x, t))
+    for fn in (q_sample, q_posterior):
+        with pytest.raises(ValueError, match="^t must be an integer"):
+            fn(jnp.asarray([1.0, 2.0], jnp.float32))
+        with pytest.raises(ValueError, match="^t must have shape \\[B\\]"):
+            fn(jnp.asarray([1, 2, 3], jnp.int32))
+        fn(jnp.asarray([0, 999], jnp.int32))  # a good t traces and runs
 
 
 # --------------------------------------------------------------------------
@@ -387,15 +510,20 @@ def test_optimal_eps_gives_the_exact_reverse_mean_and_analytic_variance(name):
     eps = oracles.gaussian_eps_oracle(full, MU, S)(x_t, chain.timesteps)  # the model sees original steps
     gamma = oracles.gaussian_gamma(chain, S)
     np.testing.assert_allclose(gamma, oracles.gaussian_gamma(full, S)[np.asarray(chain.timesteps)], rtol=1e-12)
-    p = diffusion.p_mean_variance(chain, eps, x_t, t, variance="analytic", gamma=jnp.asarray(gamma, jnp.float32))
+    stats = {"gamma": oracles.gaussian_gamma(full, S)}  # over the full chain, read at the kept steps
+    c = variances.chain(full, np.asarray(chain.timesteps))
+    resolved = variances.resolve("analytic", c, stats)
+    p = diffusion.p_mean_variance(chain, eps, x_t, t, diffusion.extract(jnp.asarray(resolved.log_variance), t, x_t.shape))
     mean, var = oracles.gaussian_reverse_moments(chain, MU, S, x_t, np.arange(K))
     c1, rs, rm = (np.asarray(getattr(chain, k), np.float64)[:, None] for k in (
         "posterior_mean_coef1", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"))
     xt = np.abs(np.asarray(x_t, np.float64))
     _close(p["mean"], mean, 3 * (c1 * (rs * xt + rm * np.abs(np.asarray(eps))) + xt + 1e-2), what="mean")
-    sigma2 = np.asarray(diffusion.analytic_variance(chain, jnp.asarray(gamma, jnp.float32)), np.float64)
+    sigma2 = variances.analytic_variance(c, gamma)
     np.testing.assert_allclose(sigma2, var.mean(axis=1), rtol=1e-4)
+    # What p(x_{t−1}|x_t) uses is that σ² at every step but the decoder's (t = 1, set by its convention).
+    np.testing.assert_allclose(p["variance"][1:], np.broadcast_to(var.mean(axis=1)[1:, None], (K - 1, 3)), rtol=1e-4)
     # Isotropic data: exact in every dimension.
     _, var_iso = oracles.gaussian_reverse_moments(chain, 0.1, 0.3, x_t, np.arange(K))
-    sigma2_iso = diffusion.analytic_variance(chain, jnp.asarray(oracles.gaussian_gamma(chain, 0.3), jnp.float32))
-    np.testing.assert_allclose(np.broadcast_to(np.asarray(sigma2_iso)[:, None], var_iso.shape), var_iso, rtol=1e-4)
+    sigma2_iso = variances.analytic_variance(c, oracles.gaussian_gamma(chain, 0.3))
+    np.testing.assert_allclose(np.broadcast_to(sigma2_iso[:, None], var_iso.shape), var_iso, rtol=1e-4)

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special, stats
 
-from ddpm_jax import diffusion, losses, oracles, schedules
+from ddpm_jax import diffusion, losses, schedules
+import oracles
 
 LN2 = np.log(2.0)
 GRID = np.arange(256) / 127.5 - 1.0  # the 8-bit values in [−1, 1]
@@ -197,8 +198,9 @@ def test_hybrid_stops_the_gradient_of_the_vb_term_at_the_mean():
 
 @pytest.mark.parametrize(
     "loss_type, variance, message",
-    [("kl", "learned_range", "loss_type must be one of"), ("hybrid", "fixed_small", "variance must be one of"),
-     ("vlb", "analytic", "variance must be one of"), ("vlb", "fixed_large", "variance must be one of")],
+    [("kl", "learned_range", "loss_type must be one of"), ("hybrid", "fixed_small", "variance must be one whose"),
+     ("vlb", "analytic", "variance must be one whose"), ("vlb", "fixed_large", "variance must be one whose"),
+     ("simple", "wide", "variance must be one of")],
 )  # fmt: skip
 def test_invalid_loss_type_and_variance(loss_type, variance, message):
     schedule, x0, noise, t, output = _setup()
@@ -227,14 +229,14 @@ def test_bound_with_the_exact_eps_is_above_the_true_nll(num_steps):
     optimal per step (Bao et al. Thm. 1), so with the same noise it gives the smallest bound of the three.
     """
     full = schedules.get_schedule("linear", 100)
-    chain = schedules.respace(full, schedules.space_timesteps(100, num_steps, "even"))
     x0 = oracles.gaussian_grid_data(np.random.default_rng(num_steps), MU, S, 20_000)
     true_nll = oracles.gaussian_grid_nll_bpd(x0, MU, S)
     model_fn = oracles.gaussian_eps_oracle(full, MU, S)
-    gamma = jnp.asarray(oracles.gaussian_gamma(chain, S), jnp.float32)
+    stats = {"gamma": oracles.gaussian_gamma(full, S)}  # [T]; the bound reads it at the kept steps
     totals = {}
     for variance in ("fixed_small", "fixed_large", "analytic"):
-        out = losses.bpd_terms(model_fn, chain, jnp.asarray(x0), jax.random.PRNGKey(0), variance=variance, gamma=gamma)
+        out = losses.bpd_terms(model_fn, full, jnp.asarray(x0), jax.random.PRNGKey(0), variance=variance, stats=stats,
+                               num_steps=num_steps)
         total, terms = np.asarray(out["total"], np.float64), np.asarray(out["terms"])
         assert terms.shape == (num_steps, len(x0)) and np.all(np.isfinite(terms))
         assert np.all(terms[1:] >= -1e-6)  # KL terms; rounding only below zero
@@ -242,3 +244,22 @@ def test_bound_with_the_exact_eps_is_above_the_true_nll(num_steps):
         assert gap.mean() > 4 * gap.std() / np.sqrt(len(gap)), (variance, gap.mean())
         totals[variance] = total.mean()
     assert totals["analytic"] < min(totals["fixed_small"], totals["fixed_large"])
+
+
+def test_bpd_terms_validates_its_inputs():
+    full = schedules.get_schedule("linear", 100)
+    model_fn = oracles.gaussian_eps_oracle(full, MU, S)
+    x0 = jnp.asarray(oracles.gaussian_grid_data(np.random.default_rng(0), MU, S, 4))
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="must start at step 0"):  # L_0 is the decoder on the data
+        losses.bpd_terms(model_fn, full, x0, key, steps=[10, 50, 99])
+    with pytest.raises(ValueError, match="model_fn output must have shape"):
+        losses.bpd_terms(lambda x, t: x[..., :1], full, x0, key, num_steps=5)
+    with pytest.raises(ValueError, match="2C channels"):  # σ² from the network needs its C extra channels
+        losses.bpd_terms(model_fn, full, x0, key, variance="learned_range", num_steps=5)
+    with pytest.raises(ValueError, match="x0 must be finite and lie in \\[-1, 1\\]"):
+        losses.bpd_terms(model_fn, full, 1.5 * x0 + 0.5, key, num_steps=5)
+    with pytest.raises(ValueError, match="needs stats \\['gamma'\\]"):
+        losses.bpd_terms(model_fn, full, x0, key, variance="analytic", num_steps=5)
+    with pytest.raises(ValueError, match="variance 'ddim_eta0.5' .*bound"):  # DDIM's bound needs q_σ, not this one
+        losses.bpd_terms(model_fn, full, x0, key, variance="ddim_eta0.5", num_steps=5)

@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax/evaluation/nll.py against closed forms for Gaussian data (ddpm_jax/oracles.py).
+"""Tests for ddpm_jax/evaluation/nll.py against closed forms for Gaussian data (tests/oracles.py).
 
 For x_0 ~ N(μ, diag s²) the optimal ε-predictor E[ε|x_t] and Γ_t = E||E[ε|x_t]||²/d
 are known exactly, and the entropy of the data rounded onto the 8-bit grid
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ddpm_jax import oracles, schedules
+from ddpm_jax import schedules, statistics
+import oracles
 from ddpm_jax.evaluation import nll
 
 T = 100
@@ -52,9 +53,16 @@ def test_sub_chain_gamma_reads_the_kept_steps_and_refuses_unestimated_ones():
     schedule = _schedule()
     gamma = np.full(T, np.nan)
     gamma[[0, 99]] = [0.25, 0.75]
-    np.testing.assert_array_equal(nll.sub_chain_gamma(gamma, schedules.respace(schedule, [0, 99])), [0.25, 0.75])
+    sub = lambda steps: np.asarray(schedules.respace(schedule, steps).timesteps)  # noqa: E731
+    np.testing.assert_array_equal(statistics.at_steps("gamma", gamma, sub([0, 99])), [0.25, 0.75])
     with pytest.raises(ValueError, match="not estimated at steps \\[50\\]"):
-        nll.sub_chain_gamma(gamma, schedules.respace(schedule, [0, 50, 99]))
+        statistics.at_steps("gamma", gamma, sub([0, 50, 99]))
+    with pytest.raises(ValueError, match="shape \\[T\\]"):  # a [K] array is not the full chain's
+        statistics.at_steps("gamma", gamma[[0, 99]], sub([0, 50, 99]))
+    # The bound refuses the same Γ before any network call.
+    with pytest.raises(ValueError, match="not estimated at steps \\[50\\]"):
+        nll.nll_bpd(_oracle(schedule), schedule, _data(4, seed=4), jax.random.PRNGKey(0), variance="analytic",
+                    steps=[0, 50, 99], stats={"gamma": gamma})
 
 
 def test_full_chain_bound_is_above_the_data_entropy_and_tight_with_the_analytic_variance():
@@ -63,7 +71,7 @@ def test_full_chain_bound_is_above_the_data_entropy_and_tight_with_the_analytic_
     entropy = oracles.gaussian_nll_bpd(MU, S)
     for variance in ("fixed_small", "fixed_large", "analytic"):
         out = nll.nll_bpd(_oracle(schedule), schedule, data, jax.random.PRNGKey(1), variance=variance,
-                          gamma=oracles.gaussian_gamma(schedule, S), batch_size=512)
+                          stats={"gamma": oracles.gaussian_gamma(schedule, S)}, batch_size=512)
         assert out["num_examples"] == 512 and out["terms"].shape == (T,)
         np.testing.assert_allclose(out["mean"], out["total"].mean())
         np.testing.assert_allclose(out["mean"], out["terms"].sum() + out["prior"].mean(), rtol=1e-6)
@@ -81,7 +89,8 @@ def test_analytic_variance_bound_is_below_fixed_variances_at_small_k(num_steps=5
     # The same key gives the same x_t draws for every variance: paired differences.
     bounds = {
         variance: nll.nll_bpd(_oracle(schedule), schedule, data, jax.random.PRNGKey(2), variance=variance,
-                              num_steps=num_steps, gamma=oracles.gaussian_gamma(schedule, S), batch_size=512)
+                              num_steps=num_steps, stats={"gamma": oracles.gaussian_gamma(schedule, S)},
+                              batch_size=512)
         for variance in ("analytic", "fixed_small", "fixed_large")
     }
     for fixed in ("fixed_small", "fixed_large"):
@@ -112,7 +121,7 @@ def test_nll_bpd_rejects_off_grid_data_missing_gamma_and_a_respaced_schedule():
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="8-bit grid"):
         nll.nll_bpd(_oracle(schedule), schedule, data + 0.001, key, variance="fixed_small")
-    with pytest.raises(ValueError, match="needs gamma"):
+    with pytest.raises(ValueError, match="needs stats \\['gamma'\\]"):
         nll.nll_bpd(_oracle(schedule), schedule, data, key, variance="analytic")
     with pytest.raises(ValueError, match="full T-step chain"):
         nll.nll_bpd(_oracle(schedule), schedules.respace(schedule, [0, 50]), data, key, variance="fixed_small")
@@ -128,13 +137,13 @@ def test_one_pass_for_several_variances_equals_one_pass_each():
 
     data = _data(48, seed=6)
     key = jax.random.PRNGKey(8)
-    gamma = oracles.gaussian_gamma(schedule, S)
+    stats = {"gamma": oracles.gaussian_gamma(schedule, S)}
     variances = ("fixed_large", "learned_range", "analytic", "fixed_small")
     together = nll.nll_bpd_by_variance(learned_fn, schedule, data, key, variances=variances, num_steps=10,
-                                       gamma=gamma, batch_size=20)
+                                       stats=stats, batch_size=20)
     assert list(together) == list(variances)
     for variance in variances:
-        alone = nll.nll_bpd(learned_fn, schedule, data, key, variance=variance, num_steps=10, gamma=gamma,
+        alone = nll.nll_bpd(learned_fn, schedule, data, key, variance=variance, num_steps=10, stats=stats,
                             batch_size=20)
         np.testing.assert_allclose(together[variance]["total"], alone["total"], rtol=1e-6)
         np.testing.assert_allclose(together[variance]["terms"], alone["terms"], rtol=1e-6)

@@ -1,6 +1,6 @@
 """Tests of ddpm_jax.sampling against closed forms for Gaussian data and float64 NumPy.
 
-Data x_0 ~ N(μ, diag s²) has the exact ε-predictor (ddpm_jax.oracles) E[ε | x_t] =
+Data x_0 ~ N(μ, diag s²) has the exact ε-predictor (tests/oracles.py) E[ε | x_t] =
 √(1 − ᾱ_t)(x_t − √ᾱ_t μ)/(ᾱ_t s² + 1 − ᾱ_t), linear in x_t, so every chain
 below is a linear-Gaussian recursion whose output moments `chain_moments`
 computes exactly in float64; the Monte Carlo moments of the sampler must match
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import sampling, schedules
-from ddpm_jax.oracles import gaussian_eps_oracle, gaussian_gamma
+from ddpm_jax import sampling, schedules, variances
+from oracles import gaussian_eps_oracle, gaussian_gamma
 
 T = 1000
 MU = np.array([0.5, -0.3, 0.2])
@@ -82,7 +82,7 @@ def assert_moments(x, mean, std, num_se=5.0):
 
 @pytest.mark.parametrize("variance,eta,kind", [("fixed_small", None, "fixed_small"),
                                                ("fixed_large", None, "fixed_large"),
-                                               ("fixed_small", 0.0, "ddim0")])
+                                               (None, 0.0, "ddim0")])
 def test_full_chain_moments_match_the_data(variance, eta, kind):
     n = 6000
     x = sampling.sample(ORACLE, SCHEDULE, jax.random.key(0), (n, 3), variance=variance, eta=eta)
@@ -100,7 +100,7 @@ def test_analytic_variance_makes_a_10_step_chain_exact_for_isotropic_data():
     np.testing.assert_allclose(gamma, (1.0 - alphas_cumprod64()) / (alphas_cumprod64() * s**2 + 1.0
                                                                      - alphas_cumprod64()), rtol=1e-5)
     x = sampling.sample(model_fn, SCHEDULE, jax.random.key(1), (n, 3), num_steps=num_steps, variance="analytic",
-                        gamma=gamma)
+                        stats={"gamma": gamma})
     assert_moments(np.asarray(x, np.float64), MU, np.full(3, s))
     kept = schedules.space_timesteps(T, num_steps, "even")
     _, std = chain_moments("analytic", kept, MU, np.full(3, s), gamma)
@@ -146,6 +146,10 @@ def test_ddim_eta_one_is_ancestral_fixed_small():
     ancestral = sampling.sample(ORACLE, SCHEDULE, jax.random.key(4), (64, 3))
     ddim = sampling.sample(ORACLE, SCHEDULE, jax.random.key(4), (64, 3), eta=1.0)
     np.testing.assert_allclose(np.asarray(ddim), np.asarray(ancestral), atol=2e-5)
+    # eta is shorthand for the record variances.ddim(eta), also reachable by name.
+    for variance in (variances.ddim(1.0), "ddim_eta1"):
+        by_record = sampling.sample(ORACLE, SCHEDULE, jax.random.key(4), (64, 3), variance=variance)
+        np.testing.assert_array_equal(np.asarray(by_record), np.asarray(ddim))
 
 
 def test_ddim_eta_zero_is_a_deterministic_map_of_x_T():
@@ -264,8 +268,8 @@ def test_compiled_once_per_configuration():
 
 _DEVICE_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
-    from ddpm_jax import sampling, schedules
-    from ddpm_jax.oracles import gaussian_eps_oracle
+    from ddpm_jax import sampling, schedules, variances
+    from oracles import gaussian_eps_oracle
     assert jax.local_device_count() == 8
     schedule = schedules.get_schedule("linear", {T})
     model_fn = gaussian_eps_oracle(schedule, {mu}, {s})
@@ -286,7 +290,11 @@ _DEVICE_SCRIPT = textwrap.dedent("""
 
 def test_samples_do_not_depend_on_the_device_count(tmp_path):
     path = str(tmp_path / "samples.npz")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))  # the script imports ddpm_jax and tests/oracles.py
+    paths = (os.path.dirname(tests_dir), tests_dir, os.environ.get("PYTHONPATH"))
+    pythonpath = os.pathsep.join(p for p in paths if p)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=pythonpath)
     script = _DEVICE_SCRIPT.format(T=T, mu=MU.tolist(), s=S.tolist(), path=path)
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     out = np.load(path)
@@ -312,9 +320,12 @@ def test_samples_do_not_depend_on_the_device_count(tmp_path):
     (dict(num_steps=10, steps=[0, 5]), "num_steps or steps"),
     (dict(steps=[5, 3]), "steps"),
     (dict(spacing="log"), "spacing"),
-    (dict(variance="analytic"), "gamma"),
-    (dict(gamma=np.zeros(T)), "gamma"),
-    (dict(variance="analytic", gamma=np.zeros(10)), "gamma"),
+    (dict(variance="analytic"), "needs stats \\['gamma'\\]"),
+    (dict(variance="analytic", stats={"gamma": np.zeros(10)}), "stats\\['gamma'\\] must have shape \\[T\\]"),
+    (dict(variance="analytic", num_steps=10, stats={"gamma": np.full(T, np.nan)}), "not estimated at steps"),
+    (dict(variance="analytic", stats={"gamma": np.zeros(T)}, decoder="middle"), "decoder must be one of"),
+    (dict(variance=3), "variance must be"),
+    (dict(sigma_clip_steps=-1), "sigma_clip_steps"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(shape=(3,)), "shape"),
     (dict(devices=[]), "devices"),

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ddpm_jax import diffusion, oracles, schedules
+from ddpm_jax import diffusion, schedules, variances
+import oracles
 
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T)  # Ho et al. §4, paper notation
@@ -262,8 +263,13 @@ def test_the_seed_noise_scale_is_fixed_small():
     schedule = schedules.get_schedule("linear", T)
     t = jnp.arange(1, T, dtype=jnp.int32)
     x = jnp.zeros((T - 1, 1))
-    small = diffusion.p_mean_variance(schedule, x, x, t, variance="fixed_small")["variance"][:, 0]
-    large = diffusion.p_mean_variance(schedule, x, x, t, variance="fixed_large")["variance"][:, 0]
+
+    def variance(name):  # σ² as p(x_{t−1}|x_t) uses it: the resolved record read at t
+        log_var = diffusion.extract(jnp.asarray(variances.resolve(name, variances.chain(schedule)).log_variance),
+                                    t, x.shape)
+        return diffusion.p_mean_variance(schedule, x, x, t, log_var)["variance"][:, 0]
+
+    small, large = variance("fixed_small"), variance("fixed_large")
     sigma = s["bbar_prev"] * s["b"] / s["bbar"]
     np.testing.assert_allclose(np.sqrt(small), sigma[1:], rtol=1e-5)
     np.testing.assert_allclose(large, BETAS[1:], rtol=1e-5)
@@ -291,10 +297,11 @@ def test_final_sampling_formula_is_wrong_and_algorithm2_samples_the_data():
     # ddpm_jax's mean is Algorithm 2's.
     schedule = schedules.get_schedule("linear", T)
     x_t = jnp.asarray(np.linspace(-2, 2, 9), jnp.float32)
+    log_small = variances.resolve("fixed_small", variances.chain(schedule)).log_variance  # σ does not enter the mean
     for t in (0, 500, 999):
         tt = jnp.full((9,), t, jnp.int32)
         e = jnp.asarray(eps_star(np.asarray(x_t, np.float64), t), jnp.float32)
-        got = diffusion.p_mean_variance(schedule, e, x_t, tt)["mean"]
+        got = diffusion.p_mean_variance(schedule, e, x_t, tt, log_small[t])["mean"]
         np.testing.assert_allclose(got, ho_algorithm2_mean(np.asarray(x_t, np.float64), np.asarray(e, np.float64), t),
                                    rtol=1e-4, atol=1e-5)  # fmt: skip
     for reading in READINGS:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from ddpm_jax import diffusion, losses, schedules, statistics
+from ddpm_jax import ddim_bound, diffusion, losses, schedules, statistics
 from ddpm_jax import variances as variances_lib
 from ddpm_jax.schedules import Schedule
 
@@ -152,10 +152,16 @@ def _bound_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, l
                               clip_x0=clip_x0)
 
 
+@functools.partial(jax.jit, static_argnames=("mean_type", "clip_x0"))
+def _ddim_bound_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, log_sigma2s: tuple, *,
+                      mean_type: str, clip_x0: bool) -> list[dict[str, Array]]:
+    return ddim_bound.ddim_bound_terms(model_fn, schedule, x0, rng, log_sigma2s, mean_type=mean_type, clip_x0=clip_x0)
+
+
 def nll_bpd(model_fn: ModelFn, schedule: Schedule, data: np.ndarray, rng: Array, *,
-            variance: str | variances.Variance, **kwargs) -> dict:
+            variance: str | variances_lib.Variance, **kwargs) -> dict:
     """Ho et al. eq. 5 in bits/dim per example of `data`, for one σ choice; see `nll_bpd_by_variance`."""
-    record = variances.get(variance)
+    record = variances_lib.get(variance)
     return nll_bpd_by_variance(model_fn, schedule, data, rng, variances=(record,), **kwargs)[record.name]
 
 
@@ -204,19 +210,31 @@ def nll_bpd_by_variance(
     sub = schedules.respace(schedule, kept)
     chain = variances_lib.chain(schedule, kept)
     for record in records:
-        losses.check_has_bound(record)
+        losses.check_has_bound(record, ddim_allowed=True)
     resolved = [variances_lib.resolve(r, chain, stats, decoder=decoder, for_bound=True) for r in records]
     model_fn = as_partial(model_fn)
     losses.check_bound_inputs(model_fn, sub, jnp.asarray(data[:1]), resolved)
-    log_variances = tuple(None if r.log_variance is None else jnp.asarray(r.log_variance) for r in resolved)
-    networks = tuple(r.network for r in resolved)
+    # Ancestral records: losses.bound_terms; DDIM records: ddim_bound (q_σ). Both draw x_t from the same keys,
+    # so every record sees the same x_t and the per-image differences between any two are paired.
+    ancestral = [r for r in resolved if r.ddim_eta is None]
+    ddim = [r for r in resolved if r.ddim_eta is not None]
+    log_variances = tuple(None if r.log_variance is None else jnp.asarray(r.log_variance) for r in ancestral)
+    networks = tuple(r.network for r in ancestral)
+    ddim_log_variances = tuple(jnp.asarray(r.log_variance) for r in ddim)
+    order = [resolved.index(r) for r in ancestral + ddim]
     batch_size = min(batch_size, data.shape[0])
 
     parts = [dict(total=[], prior=[], term_sums=np.zeros(len(kept))) for _ in records]
     for index, (batch, count) in enumerate(statistics.padded_batches(data, batch_size)):
-        out = _bound_terms(model_fn, sub, jnp.asarray(batch), jax.random.fold_in(rng, index), log_variances,
-                           networks=networks, mean_type=mean_type, clip_x0=bool(clip_x0))
-        for part, terms in zip(parts, out):
+        key = jax.random.fold_in(rng, index)
+        out = []
+        if ancestral:
+            out += _bound_terms(model_fn, sub, jnp.asarray(batch), key, log_variances, networks=networks,
+                                mean_type=mean_type, clip_x0=bool(clip_x0))
+        if ddim:
+            out += _ddim_bound_terms(model_fn, sub, jnp.asarray(batch), key, ddim_log_variances,
+                                     mean_type=mean_type, clip_x0=bool(clip_x0))
+        for part, terms in zip([parts[i] for i in order], out):
             part["total"].append(np.asarray(terms["total"], np.float64)[:count])
             part["prior"].append(np.asarray(terms["prior"], np.float64)[:count])
             part["term_sums"] += np.asarray(terms["terms"], np.float64)[:, :count].sum(axis=1)

@@ -21,4 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.gamma.num_examples = 250  # Γ_t at all 1000 steps: 250 000 network calls
     config.gamma.batch_size = 250
     config.quality.kind = "none"
+    config.spacings = ("even",)  # K = T keeps every step whatever the spacing
     return config

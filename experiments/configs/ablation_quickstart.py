@@ -17,4 +17,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.gamma.batch_size = 250
     config.grid_size = 49
     config.quality.kid_subsets = 50
+    config.spacings = ("even",)  # the optimal trajectories run as their own command (ablation_trajectories.py)
     return config

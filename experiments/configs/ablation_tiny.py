@@ -21,4 +21,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.grid_size = 16
     config.quality.classifier_steps = 20
     config.quality.kid_subsets = 5
+    config.spacings = ("even", "optimal")
+    config.reference = "analytic"
     return config

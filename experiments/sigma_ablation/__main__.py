@@ -96,7 +96,7 @@ def main(argv):
                 config=config.to_dict())
     rows = report.write_report(out_dir, records, grids, info, reference)
     logging.info("Wrote %d rows to %s in %.1f min", len(rows), out_dir, info["wall_time_s"] / 60)
-    print(report.markdown_table(rows))
+    print(report.markdown_table(rows, config.reference))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from ddpm_jax.utils import images  # noqa: E402
@@ -34,8 +35,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else float("nan")
 
 
-def aggregate(records: list[dict]) -> list[dict]:
-    """One row per (setting, K), in first-seen order: <metric>_mean/_std over seeds for each metric present."""
+def aggregate(records: list[dict], reference: str | None = None) -> list[dict]:
+    """One row per (setting, eta, spacing, K), in first-seen order: <metric>_mean/_std over seeds for each
+    metric present, and the paired differences to `reference` (see `paired_columns`)."""
     groups: dict[tuple, list[dict]] = {}
     for record in records:
         groups.setdefault(tuple(record[f] for f in ID_FIELDS), []).append(record)
@@ -49,9 +51,51 @@ def aggregate(records: list[dict]) -> list[dict]:
         if "nll_stderr" in group[0]:
             row["nll_stderr_mean"] = float(np.mean([r["nll_stderr"] for r in group]))
             row["nll_examples"] = group[0]["nll_examples"]
+        if reference is not None:
+            row.update(paired_columns(group, groups, reference))
+        if "steps" in group[0]:
+            row["steps"] = group[0]["steps"]
         row["note"] = group[0]["note"]
         rows.append(row)
     return rows
+
+
+QUALITY_METRICS = ("fdd", "fid", "kid", "digits_is", "inception_is")
+
+
+def _critical(dof: int) -> float:
+    """The two-sided 95 % critical value: Student's t with `dof` degrees of freedom (normal for dof = inf)."""
+    return float(stats.norm.ppf(0.975) if math.isinf(dof) else stats.t.ppf(0.975, dof))
+
+
+def paired_columns(group: list[dict], groups: dict[tuple, list[dict]], reference: str) -> dict:
+    """Differences to the reference setting at the same (spacing, K), paired as the runs are.
+
+    nll_diff: the mean over seeds of each seed's per-image paired difference (same images and x_t
+    draws); its s.e. pools the seeds' s.e. (√Σse²/n). <metric>_diff for sample quality: the mean of
+    the seed-paired differences (same x_T and noise), s.e. = std/√n over seeds (t with n − 1 dof).
+    <x>_diff_significant: |mean| > the 95 % critical value × s.e.
+    """
+    first = group[0]
+    ref_group = groups.get((reference, None, first["spacing"], first["K"]))
+    if first["setting"] == reference or not ref_group:
+        return {}
+    ref_by_seed = {r["seed"]: r for r in ref_group}
+    out = {}
+    with_diff = [r for r in group if "nll_diff" in r]
+    if with_diff:
+        mean = float(np.mean([r["nll_diff"] for r in with_diff]))
+        se = float(math.sqrt(sum(r["nll_diff_se"] ** 2 for r in with_diff)) / len(with_diff))
+        out.update(nll_diff_mean=mean, nll_diff_se=se, nll_diff_significant=abs(mean) > _critical(math.inf) * se)
+    for metric in QUALITY_METRICS:
+        diffs = [r[metric] - ref_by_seed[r["seed"]][metric] for r in group
+                 if metric in r and r["seed"] in ref_by_seed and metric in ref_by_seed[r["seed"]]]
+        if len(diffs) >= 2:
+            mean, std = _mean_std(diffs)
+            se = std / math.sqrt(len(diffs))
+            out.update({f"{metric}_diff_mean": mean, f"{metric}_diff_se": se,
+                        f"{metric}_diff_significant": abs(mean) > _critical(len(diffs) - 1) * se})
+    return out
 
 
 INT_FIELDS = ("K", "seed", "num_samples", "nll_examples")
@@ -105,13 +149,27 @@ def _cell(row: dict, metric: str) -> str:
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """A markdown table (mean ± std over seeds), with the notes of settings that have one as footnotes."""
+def _diff_cell(row: dict, metric: str) -> str:
+    """'+mean ± s.e.' of a paired difference, with † when it is not significant at 95 %."""
+    mean = row.get(f"{metric}_diff_mean")
+    if mean is None or math.isnan(mean):
+        return "—"
+    se = row[f"{metric}_diff_se"]
+    decimals = 4 if not se > 0.0 else min(4, max(0, 1 - math.floor(math.log10(se))))
+    return f"{mean:+.{decimals}f} ± {se:.{decimals}f}" + ("" if row[f"{metric}_diff_significant"] else " †")
+
+
+def markdown_table(rows: list[dict], reference: str | None = None) -> str:
+    """A markdown table (mean ± std over seeds), the paired differences to `reference` when present, and the notes
+    of settings that have one as footnotes."""
     metrics_present = [m for m in METRICS if any(f"{m}_mean" in r for r in rows)]
-    header = ["σ choice", "K"] + [LABELS[m] for m in metrics_present]
+    spacings = list(dict.fromkeys(r["spacing"] for r in rows))
+    header = ["σ choice"] + (["spacing"] if len(spacings) > 1 else []) + ["K"] + [LABELS[m] for m in metrics_present]
     with_se = "nll_bpd" in metrics_present
     if with_se:  # the Monte Carlo error of one seed's bound, over test images and noise draws
-        header.insert(3, "s.e. of one bound")
+        header.insert(header.index("K") + 2, "s.e. of one bound")
+    diffs = [m for m in ("nll", *QUALITY_METRICS) if any(f"{m}_diff_mean" in r for r in rows)][:2]
+    header += [f"Δ {'bound' if m == 'nll' else LABELS[m]} vs {reference}" for m in diffs]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes: dict[str, str] = {}
     for row in rows:
@@ -123,8 +181,14 @@ def markdown_table(rows: list[dict]) -> str:
         if with_se:
             se = row.get("nll_stderr_mean", math.nan)
             cells.insert(1, "—" if math.isnan(se) else f"{se:.2g}")
-        lines.append("| " + " | ".join([name, str(row["K"])] + cells) + " |")
+        cells += [_diff_cell(row, m) for m in diffs]
+        ids = [name] + ([row["spacing"]] if len(spacings) > 1 else []) + [str(row["K"])]
+        lines.append("| " + " | ".join(ids + cells) + " |")
     lines.append("")
+    if diffs:
+        lines.append(f"Δ: paired difference to {reference} at the same spacing and K (bound: per image, same x_t "
+                     "draws, s.e. pooled over seeds; sample quality: per seed, same x_T and noise, s.e. over seeds). "
+                     "† not significant at 95 %.  ")
     lines += [f"[{i + 1}] {name}: {note}  " for i, (name, note) in enumerate(notes.items())]
     return "\n".join(lines) + "\n"
 
@@ -138,18 +202,21 @@ DECODER_TEXT = {
 
 
 def plot_vs_k(rows: list[dict], metrics: list[str], path: str, *, log_y: bool = False) -> None:
-    """One panel per metric: mean vs K with std error bars, one line per σ choice, log x axis."""
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    """One panel per metric: mean vs K with std error bars, one line per σ choice (and spacing), log x axis."""
+    settings = list(dict.fromkeys((r["setting"], r["spacing"]) for r in rows))
+    several = len({spacing for _, spacing in settings}) > 1
     ks = sorted({r["K"] for r in rows})
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for setting in settings:
-            sel = [r for r in rows if r["setting"] == setting and math.isfinite(r.get(f"{metric}_mean", math.nan))]
+        for setting, spacing in settings:
+            sel = [r for r in rows if (r["setting"], r["spacing"]) == (setting, spacing)
+                   and math.isfinite(r.get(f"{metric}_mean", math.nan))]
             if not sel:
                 continue
             std = [0.0 if math.isnan(r[f"{metric}_std"]) else r[f"{metric}_std"] for r in sel]
             ax.errorbar([r["K"] for r in sel], [r[f"{metric}_mean"] for r in sel], yerr=std, marker="o",
-                        capsize=3, label=setting, linestyle="--" if setting.startswith("ddim") else "-")
+                        capsize=3, label=f"{setting} ({spacing})" if several else setting,
+                        linestyle=":" if spacing == "optimal" else "--" if setting.startswith("ddim") else "-")
         ax.set_xscale("log")
         ax.set_xticks(ks)
         ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -191,9 +258,17 @@ def portable_path(path: str) -> str:
     return relative if not relative.startswith("..") else os.path.basename(os.path.normpath(path))
 
 
+def grid_name(setting: str, spacing: str | None, k) -> str:
+    """grids/<setting>_K<K>.png (even spacing), <setting>_<spacing>_K<K>.png, or data_<split>.png."""
+    if setting == "data":
+        return f"data_{k}.png"
+    return f"{setting}_K{k}.png" if spacing == "even" else f"{setting}_{spacing}_K{k}.png"
+
+
 def write_report(out_dir: str, records: list[dict], grids: dict, info: dict,
                  reference: np.ndarray | None) -> list[dict]:
-    rows = aggregate(records)
+    reference_choice = info["config"].get("reference")
+    rows = aggregate(records, reference_choice)
     write_csv(rows, os.path.join(out_dir, "results.csv"))
     write_csv(records, os.path.join(out_dir, "per_seed.csv"))
     quality = [m for m in ("fdd", "fid", "kid") if any(f"{m}_mean" in r for r in rows)]
@@ -203,11 +278,11 @@ def write_report(out_dir: str, records: list[dict], grids: dict, info: dict,
         plot_vs_k(rows, quality, os.path.join(out_dir, "quality_vs_k.png"))
     if grids:
         os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
-        grids = {**grids, ("data", info["quality_reference"]): reference[: len(next(iter(grids.values())))]}
-    for (setting, k), samples in grids.items():
+        grids = {**grids, ("data", None, info["quality_reference"]): reference[: len(next(iter(grids.values())))]}
+    for (setting, spacing, k), samples in grids.items():
         if samples.ndim == 4:  # image data; 2-D toy points have no grid
-            images.save_grid(os.path.join(out_dir, "grids", f"{setting}_K{k}.png" if setting != "data"
-                                          else f"data_{k}.png"), samples, scale=max(1, 64 // samples.shape[1]))
+            images.save_grid(os.path.join(out_dir, "grids", grid_name(setting, spacing, k)), samples,
+                             scale=max(1, 64 // samples.shape[1]))
     conventions = info["config"]["conventions"]
     header = (f"# σ_t ablation\n\n{info['dataset']}, checkpoint step {info['checkpoint_step']} of "
               f"`{info['workdir']}` ({info['num_params']:,} parameters, T = {info['num_timesteps']}, "
@@ -216,13 +291,13 @@ def write_report(out_dir: str, records: list[dict], grids: dict, info: dict,
               f"{info['nll_split']} images. Mean ± std over seeds; sampling time excludes compilation. "
               f"{info['date']}, {info['machine']['device']} ({info['machine']['cpu_count']} CPUs), "
               f"total wall time {info['wall_time_s'] / 60:.1f} min, code {info['git_commit']}.\n\n"
-              f"Conventions: spacing '{info['config']['spacing']}'; decoder-step variance "
+              f"Conventions: spacings {list(info['config']['spacings'])}; decoder-step variance "
               f"'{conventions['decoder']}' ({DECODER_TEXT.get(conventions['decoder'], '')}); σ clipped on the last "
               f"{conventions['sigma_clip_steps']} noisy sampling steps at {conventions['sigma_clip_pixel']} "
               f"8-bit levels (0: none); x̂_0 clipped when sampling: {info['config']['sample']['clip_x0']}, "
               f"in the bound: {info['config']['nll']['clip_x0']}; the decoder uses the exact normal CDF.\n\n")
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(header + markdown_table(rows))
+        f.write(header + markdown_table(rows, reference_choice))
     with open(os.path.join(out_dir, "run_info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, default=str)
     return rows

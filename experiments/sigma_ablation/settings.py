@@ -55,8 +55,13 @@ def validate_config(config: ml_collections.ConfigDict, num_timesteps: int | None
     maximum = num_timesteps if num_timesteps is not None else math.inf
     if not config.num_steps or not all(_is_int(k, 1) and k <= maximum for k in config.num_steps):
         _fail("num_steps", f"a non-empty tuple of ints in [1, T={num_timesteps or 'T'}]", tuple(config.num_steps))
-    if config.spacing not in schedules.SPACINGS:
-        _fail("spacing", f"one of {schedules.SPACINGS}", config.spacing)
+    allowed = (*schedules.SPACINGS, "optimal")
+    if not config.spacings or not all(isinstance(v, str) and v in allowed for v in config.spacings) \
+            or len(set(config.spacings)) != len(config.spacings):
+        _fail("spacings", f"a non-empty tuple of distinct names from {allowed}", tuple(config.spacings))
+    if config.reference is not None and config.reference not in names:
+        _fail("reference", f"None or one of the variances {names} (the row differences are paired against it)",
+              config.reference)
     c = config.conventions
     if c.decoder != "own" and c.decoder not in variances.DECODERS:
         _fail("conventions.decoder", f"'own' (each record's default) or one of {sorted(variances.DECODERS)}", c.decoder)
