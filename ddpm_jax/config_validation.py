@@ -114,8 +114,9 @@ def _check_diffusion(cfg: ml_collections.ConfigDict) -> None:
     paths = {k: f"diffusion.schedule_kwargs.{k}" for k in kwargs} | {"num_timesteps": "diffusion.num_timesteps"}
     _delegate("diffusion.schedule_kwargs", paths, lambda: schedules.get_schedule(
         cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr, **kwargs))
-    # A σ that needs a data statistic (analytic) is a sampling-time choice for a model trained with another.
-    _choice("diffusion.variance", cfg.variance, tuple(_trainable_variances()))
+    if cfg.variance not in _trainable_variances():
+        _fail("diffusion.variance", f"one of {_trainable_variances()} (a σ_t that needs a data statistic, such as "
+              "'analytic', is a sampling-time choice for a model trained with a fixed variance)", cfg.variance)
     _choice("diffusion.mean_type", cfg.mean_type, diffusion.MEAN_TYPES)
     _choice("diffusion.loss_type", cfg.loss_type, losses.LOSS_TYPES)
     _delegate("diffusion", {"loss_type": "diffusion.loss_type"},

@@ -1,4 +1,5 @@
-"""Every formula of the seed note (/work/shared/seed/ddpm_reverse_derivation.md) checked independently.
+"""Every formula of the seed note checked independently: "为何 DDPM 的反传公式是那样？", a supplement to Su Jianlin's
+post "生成扩散模型漫谈（三）：DDPM = 贝叶斯 + 去噪"; each equation is stated in docs/derivation.md.
 
 The seed writes Ho et al.'s quantities as square roots (Su's notation): seed α_t = √α_t,
 β_t = √β_t, ᾱ_t = √ᾱ_t, β̄_t = √(1 − ᾱ_t) in the paper's notation. Each test states

@@ -1,0 +1,53 @@
+"""scripts/quickstart.py's self-check: the run's table against the committed reference."""
+
+import csv
+import functools
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _quickstart():
+    # Loaded once: the script defines absl flags, which a second load would define again.
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+ROWS = [dict(setting="analytic", spacing="even", K="10", nll_bpd_mean="6.25", fdd_mean="33.3", sample_time_s_mean="2.2"),
+        dict(setting="ddim_eta0", spacing="even", K="10", nll_bpd_mean="", fdd_mean="19.8", sample_time_s_mean="2.3")]
+
+
+def test_the_committed_reference_is_reproduced_by_itself_and_timings_do_not_count(tmp_path):
+    quickstart = _quickstart()
+    _write(tmp_path / "ref.csv", ROWS)
+    run = [dict(r, sample_time_s_mean="9.9") for r in ROWS]
+    run[0]["nll_bpd_mean"] = "6.2500001"
+    _write(tmp_path / "run.csv", run)
+    reproduced, largest, problems = quickstart.compare_tables(str(tmp_path / "run.csv"), str(tmp_path / "ref.csv"), 1e-3)
+    assert reproduced and problems == [] and largest == pytest.approx(0.0000001 / 6.25)
+
+
+def test_a_changed_number_a_missing_row_and_a_new_bound_are_named(tmp_path):
+    quickstart = _quickstart()
+    _write(tmp_path / "ref.csv", ROWS)
+    run = [dict(ROWS[0], fdd_mean="35.0"), dict(ROWS[1], nll_bpd_mean="7.0"),
+           dict(ROWS[1], K="25")]
+    _write(tmp_path / "run.csv", run)
+    reproduced, _, problems = quickstart.compare_tables(str(tmp_path / "run.csv"), str(tmp_path / "ref.csv"), 1e-3)
+    assert not reproduced
+    assert any("fdd_mean: reference 33.3, run 35" in p for p in problems)
+    assert any("nll_bpd_mean: reference empty, run 7.0" in p for p in problems)
+    assert any("('ddim_eta0', 'even', '25') is not in the reference" in p for p in problems)
