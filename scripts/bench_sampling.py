@@ -14,6 +14,13 @@ Writes benchmarks/results/bench_sampling_<backend>.{md,csv} with the machine and
 
   python scripts/bench_sampling.py                  # UNet, K = 10,100,1000 (~4 min of CPU time)
   python scripts/bench_sampling.py --model mlp --ks 10,100
+  python scripts/bench_sampling.py --peer [--full]  # vs PyTorch + diffusers, K = 10, 100 (1000 with --full)
+
+--peer: the digits UNet (experiments/configs/digits.py, 701,345 parameters, random weights) sampling
+a batch of 64 with ddpm_jax's one-`lax.scan` chain (ancestral, σ² = β̃) against the same UNet in
+diffusers with DDPMScheduler's Python loop (scripts/peers.py, in a child process so the two thread
+pools do not contend), one chain each in turn, --repeats rounds; the ratio of each round is
+ddpm_jax ÷ diffusers, min and median over rounds. Writes benchmarks/results/bench_sampling_peer_<backend>.{md,json}.
 """
 
 from __future__ import annotations
@@ -273,6 +280,54 @@ def write_results(rows: list[dict], info: dict, stem: Path, command: str) -> Non
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def run_peer(args) -> tuple[list[dict], dict]:
+    """ddpm_jax's scan chain vs diffusers' DDPMScheduler loop on the digits UNet, alternating."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers  # torch and diffusers: only with --peer
+    from ddpm_jax import from_config
+    config = from_config.load_config_file("digits.py")
+    h, w, c = from_config.image_shape(config)
+    shape = (config.sampling.batch, h, w, c)
+    model = from_config.build_model(config)
+    params = model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape[:1], jnp.int32), train=False)
+    # Random weights as large as trained ones (the init zeroes every residual branch's last conv).
+    params = jax.tree.map(lambda x: 0.05 * jax.random.normal(jax.random.key(x.size), x.shape), params)
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    schedule = from_config.build_schedule(config)
+    model_fn = Partial(lambda p, x, t: model.apply(p, x, t, train=False), params)
+    spec = {"model": {k: config.model[k] for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+                                                     "num_groups")},
+            "image_size": h, "channels": c, "out_channels": c, "dropout": 0.0, "expected_params": num_params,
+            "batch": shape[0], "betas": np.asarray(schedule.betas, np.float64)}
+    rows, loads = [], []
+    for num_steps in args.ks:
+        chain = lambda: sampling.sample(model_fn, schedule, jax.random.key(1), shape, num_steps=num_steps,
+                                        variance="fixed_small").block_until_ready()
+        chain()  # compile
+        peer = peers.PeerProcess("sample", spec | {"num_steps": num_steps})
+        ours, theirs = [], []
+        try:
+            for _ in range(args.repeats):
+                ours.append([timed(chain, 1)[0]])
+                theirs.append(peer.time(1))
+                loads.append(os.getloadavg()[0])
+        finally:
+            peer.close()
+        rows.append({"K": num_steps, "batch": shape[0], "params": num_params, "rounds": args.repeats,
+                     **peers.ratio_summary(ours, theirs)})
+        print(" | ".join(f"{k}={v}" for k, v in rows[-1].items() if k != "ratios"), flush=True)
+    info = peers.environment() | {"backend": jax.default_backend(),
+                                  "load_1min_during_run": f"{min(loads):.1f} to {max(loads):.1f}"}
+    return rows, info
+
+
+PEER_COLUMNS = [("K", "K", "{}"), ("batch", "batch", "{}"), ("params", "parameters", "{:,}"),
+                ("rounds", "rounds", "{}"), ("ours_median_s", "ddpm_jax chain (s), median", "{:.3f}"),
+                ("ours_min_s", "min", "{:.3f}"), ("peer_median_s", "diffusers loop (s), median", "{:.3f}"),
+                ("peer_min_s", "min", "{:.3f}"), ("ratio_min", "ratio ddpm_jax ÷ diffusers, min", "{:.2f}"),
+                ("ratio_median", "median", "{:.2f}")]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("unet", "mlp"), default="unet" if UNet is not None else "mlp")
@@ -285,7 +340,23 @@ def main(argv=None) -> None:
     parser.add_argument("--call-repeats", type=int, default=20)
     parser.add_argument("--zero-repeats", type=int, default=15, help="repeats of the zero-model chains")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default results/bench_sampling_<backend>)")
+    parser.add_argument("--peer", action="store_true", help="against PyTorch + diffusers (digits UNet, batch 64)")
+    parser.add_argument("--full", action="store_true", help="--peer: also K = 1000")
     args = parser.parse_args(argv)
+    if args.peer:
+        if args.ks == [10, 100, 1000]:  # the default: K = 1000 only with --full
+            args.ks = [10, 100, 1000] if args.full else [10, 100]
+        rows, info = run_peer(args)
+        import peers
+        stem = args.out or RESULTS / f"bench_sampling_peer_{jax.default_backend()}"
+        notes = ["One round: one ddpm_jax chain (`sampling.sample`, one compiled `lax.scan`, ancestral with "
+                 "σ² = β̃, linear β, T = 1000 respaced to K steps) then one diffusers chain (UNet2DModel + "
+                 "DDPMScheduler.step in a Python loop, inference_mode, in a child process). Wall-clock seconds; "
+                 "the ratio of each round is ddpm_jax ÷ diffusers; min and median over rounds."]
+        peers.write_record(stem, f"Sampling: ddpm_jax vs PyTorch + diffusers ({jax.default_backend()})",
+                           "python " + " ".join(sys.argv), info, rows, PEER_COLUMNS, notes)
+        print(f"wrote {stem}.md")
+        return
     stem = args.out or RESULTS / f"bench_sampling_{jax.default_backend()}"
     print(" | ".join(h for _, h, _ in COLUMNS))
     rows, info = run(args)

@@ -35,6 +35,7 @@ from absl import app, flags, logging
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from ddpm_jax import from_config, train  # noqa: E402
+from ddpm_jax.utils import runtime  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Training run directory (checkpoints, logs).")
 _RESULTS = flags.DEFINE_string("results", None, "Where the ablation's table, plots and grids go "
@@ -97,6 +98,7 @@ def compare_tables(run_csv: str, reference_csv: str, rtol: float) -> tuple[bool,
 
 def main(argv):
     del argv
+    runtime.enable_compilation_cache()  # a rerun loads its compiled programs instead of compiling again
     if _TRAIN_STEPS.value is not None and _TRAIN_STEPS.value < 1:
         raise ValueError(f"--train_steps must be None or >= 1, got {_TRAIN_STEPS.value}")
     config = digits_config(_TRAIN_STEPS.value)
