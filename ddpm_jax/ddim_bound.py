@@ -58,11 +58,11 @@ def ddim_kl_bpd(schedule: Schedule, x0: Array, noise: Array, pred_x0: Array, pre
 
 
 def ddim_vb_terms_bpd(schedule: Schedule, x0: Array, noise: Array, pred_x0: Array, pred_eps: Array, t: Array,
-                      log_sigma2: Array) -> Array:
+                      log_sigma2: Array, cdf: str = "exact") -> Array:
     """The KL term for t > 0 and L_0 = −log p(x_0|x_1)/d (Ho eq. 13, mean x̂_0, variance σ_1²) at t = 0, bits, [B]."""
     kl = ddim_kl_bpd(schedule, x0, noise, pred_x0, pred_eps, t, log_sigma2)
     log_scale = 0.5 * jnp.broadcast_to(log_sigma2, x0.shape)
-    decoder_nll = -mean_flat(losses.discretized_gaussian_log_likelihood(x0, pred_x0, log_scale)) / LOG2
+    decoder_nll = -mean_flat(losses.discretized_gaussian_log_likelihood(x0, pred_x0, log_scale, cdf)) / LOG2
     return jnp.where(t == 0, decoder_nll, kl)
 
 
@@ -75,6 +75,7 @@ def ddim_bound_terms(
     *,
     mean_type: str = "eps",
     clip_x0: bool = False,
+    cdf: str = "exact",
 ) -> list[dict[str, Array]]:
     """The DDIM bound of several σ(η) choices from ONE network call per step: [dict(total, prior, terms, mse)].
 
@@ -97,7 +98,8 @@ def ddim_bound_terms(
             pred_eps = diffusion.x0_to_eps(schedule, x_t, t, pred_x0)
         mse = mean_flat((pred_eps - noise) ** 2)
         return None, [(ddim_vb_terms_bpd(schedule, x0, noise, pred_x0, pred_eps, t,
-                                         diffusion.extract(log_sigma2, t, x0.shape)), mse) for log_sigma2 in log_sigma2s]
+                                         diffusion.extract(log_sigma2, t, x0.shape), cdf), mse)
+                            for log_sigma2 in log_sigma2s]
 
     keys = jax.random.split(rng, schedule.num_timesteps)
     _, out = jax.lax.scan(one_step, None, (jnp.arange(schedule.num_timesteps), keys))

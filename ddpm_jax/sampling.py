@@ -9,9 +9,11 @@ Randomness (the key layout is part of the contract, tests rebuild it):
   init_key, chain_key = jax.random.split(rng)
   x_T[b]       = N(0, I) drawn from fold_in(init_key, b)
   z at step i  = N(0, I) drawn from fold_in(fold_in(chain_key, i), b)
-where b is the example's index in the GLOBAL batch and i the step of the
-(sub-)chain. Every example owns its noise, so the samples are the same on one
-device or eight, and ancestral and DDIM paths share the same z.
+where b is the example's index in the GLOBAL batch (first_example + its row in
+this call's batch: a process sampling rows [o, o + B) of a larger batch passes
+first_example=o) and i the step of the (sub-)chain. Every example owns its
+noise, so the samples are the same on one device or eight, in one process or
+several, and ancestral and DDIM paths share the same z.
 
 Compilation: `_run_chunk` is jitted once per static configuration (model
 function, per-device shape, chunk length, the record's network function (if the
@@ -123,17 +125,17 @@ def _check_output(output: Array, x: Array, config: _Config) -> None:
                          f"network outputs σ²), got {output.shape}")
 
 
-def _example_ids(local_batch: int) -> Array:
-    return jax.lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
+def _example_ids(local_batch: int, first: Array) -> Array:
+    return first + jax.lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "mesh"))
-def _start(rng: Array, *, shape: tuple[int, ...], mesh: Mesh) -> tuple[Array, Array]:
+def _start(rng: Array, first: Array, *, shape: tuple[int, ...], mesh: Mesh) -> tuple[Array, Array]:
     """(x_T ~ N(0, I) [B, ...] sharded over the batch, the key of the chain's noise z)."""
     init_key, chain_key = jax.random.split(rng)
     local_batch = shape[0] // mesh.size
-    per_device = lambda key: example_noise(key, _example_ids(local_batch), shape[1:])
-    return jax.shard_map(per_device, mesh=mesh, in_specs=P(), out_specs=P(AXIS))(init_key), chain_key
+    per_device = lambda key, first: example_noise(key, _example_ids(local_batch, first), shape[1:])
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P()), out_specs=P(AXIS))(init_key, first), chain_key
 
 
 @jax.jit
@@ -143,7 +145,7 @@ def _stack_trajectory(x_T: Array, chunks: list[Array]) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh"))
 def _run_chunk(model_fn: Partial, schedule: Schedule, sigma2: Array | None, log_sigma2: Array | None,
-               chain_key: Array, x: Array, step_ids: Array, *, config: _Config,
+               chain_key: Array, x: Array, step_ids: Array, first: Array, *, config: _Config,
                mesh: Mesh) -> tuple[Array, Array | None]:
     """The steps `step_ids` (descending) of the chain from x [B, ...]; one lax.scan per device.
 
@@ -151,8 +153,8 @@ def _run_chunk(model_fn: Partial, schedule: Schedule, sigma2: Array | None, log_
     Returns (x after the last step, the x after every step [len(step_ids), B, ...] or None).
     """
 
-    def per_device(model_fn, schedule, sigma2, log_sigma2, chain_key, x, step_ids):
-        example_ids = _example_ids(x.shape[0])
+    def per_device(model_fn, schedule, sigma2, log_sigma2, chain_key, x, step_ids, first):
+        example_ids = _example_ids(x.shape[0], first)
 
         def body(x_t, i):
             output = model_fn(x_t, jnp.full(x_t.shape[:1], schedule.timesteps[i], jnp.int32))
@@ -170,8 +172,8 @@ def _run_chunk(model_fn: Partial, schedule: Schedule, sigma2: Array | None, log_
         return jax.lax.scan(body, x, step_ids)
 
     out_specs = (P(AXIS), P(None, AXIS) if config.return_trajectory else None)
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), P(AXIS), P()),
-                         out_specs=out_specs)(model_fn, schedule, sigma2, log_sigma2, chain_key, x, step_ids)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), P(AXIS), P(), P()),
+                         out_specs=out_specs)(model_fn, schedule, sigma2, log_sigma2, chain_key, x, step_ids, first)
 
 
 # --------------------------------------------------------------------------
@@ -188,7 +190,7 @@ def _is_name(value, allowed) -> bool:
 
 
 def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
-                chunk_size, devices, sigma_clip_steps) -> None:
+                chunk_size, devices, sigma_clip_steps, first_example=0) -> None:
     """One ValueError naming the field and what is allowed, before anything is traced."""
     T = schedule.num_timesteps if isinstance(schedule, Schedule) else None
     checks = [
@@ -211,6 +213,9 @@ def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, varia
          f"got variance={variance!r}"),
         (_is_int(sigma_clip_steps) and sigma_clip_steps >= 0,
          f"sigma_clip_steps must be an int >= 0 (0: no clipping), got {sigma_clip_steps!r}"),
+        (_is_int(first_example) and 0 <= first_example < 2**30
+         or isinstance(first_example, jax.Array) and first_example.shape == () and first_example.dtype == jnp.int32,
+         f"first_example must be an int >= 0 or an int32 scalar (the global index of row 0), got {first_example!r}"),
         (chunk_size is None or _is_int(chunk_size) and chunk_size >= 1,
          f"chunk_size must be None or an int >= 1, got {chunk_size!r}"),
         (devices is None or isinstance(devices, (list, tuple)) and len(devices) >= 1
@@ -231,7 +236,7 @@ def sample(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: A
            decoder: str | None = None, sigma_clip_steps: int = 0, sigma_clip_pixel: float = 2.0,
            mean_type: str = "eps", eta: float | None = None, clip_x0: bool = False,
            return_trajectory: bool = False, progress: bool = False, chunk_size: int | None = None,
-           devices: Sequence[jax.Device] | None = None):
+           devices: Sequence[jax.Device] | None = None, first_example: int = 0):
     """Samples x_0 ~ p_θ [B, ...] by the reverse chain (Ho Algorithm 2, or DDIM).
 
     model_fn(x_t, t) -> output: x_t [b, ...] (b = B / devices), t int32 [b], always
@@ -256,23 +261,26 @@ def sample(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: A
       tqdm bar per chunk. chunk_size defaults to K, or ⌈K/20⌉ with progress.
     devices: the devices the batch is split over (default: all local devices);
       the samples do not depend on how many (see the module docstring).
+    first_example: the global index of row 0 (the noise is per global example), so
+      processes that each sample their rows of one batch reproduce one process's samples.
     Returns x_0 [B, ...], or (x_0, trajectory) with return_trajectory.
     """
     _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
-                chunk_size, devices, sigma_clip_steps)
+                chunk_size, devices, sigma_clip_steps, first_example)
     record = variances.ddim(eta) if eta is not None else variances.get("fixed_small" if variance is None else variance)
     kept = kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
     sub = respace(schedule, kept) if len(kept) < schedule.num_timesteps else schedule
     resolved = variances.resolve(record, variances.chain(schedule, kept), stats, decoder=decoder,
                                  clip_steps=sigma_clip_steps, clip_pixel=sigma_clip_pixel)
     return run_chain(model_fn, sub, rng, shape, resolved, mean_type=mean_type, clip_x0=clip_x0,
-                     return_trajectory=return_trajectory, progress=progress, chunk_size=chunk_size, devices=devices)
+                     return_trajectory=return_trajectory, progress=progress, chunk_size=chunk_size, devices=devices,
+                     first_example=first_example)
 
 
 def run_chain(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: Array, shape: Sequence[int],
               resolved: variances.Resolved, *, mean_type: str = "eps", clip_x0: bool = False,
               return_trajectory: bool = False, progress: bool = False, chunk_size: int | None = None,
-              devices: Sequence[jax.Device] | None = None):
+              devices: Sequence[jax.Device] | None = None, first_example: int | Array = 0):
     """The reverse chain on `schedule` (already the K-step chain) with a resolved σ_t choice; see `sample`."""
     num_chain = schedule.num_timesteps
     if chunk_size is None:
@@ -286,13 +294,14 @@ def run_chain(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng
     model_fn = model_fn if isinstance(model_fn, Partial) else Partial(model_fn)
     sigma2, log_sigma2 = resolved.variance, resolved.log_variance
 
-    x_T, chain_key = _start(rng, shape=shape, mesh=mesh)
+    first = jnp.asarray(first_example, jnp.int32)  # traced: every process runs the same program
+    x_T, chain_key = _start(rng, first, shape=shape, mesh=mesh)
     x, trajectory = x_T, []
     with tqdm(total=num_chain, desc="sampling", unit="step", disable=not progress) as bar:
         previous = None
         for top in range(num_chain, 0, -chunk_size):
             step_ids = np.arange(top - 1, max(top - chunk_size, 0) - 1, -1, dtype=np.int32)
-            x, ys = _run_chunk(model_fn, schedule, sigma2, log_sigma2, chain_key, x, step_ids, config=config,
+            x, ys = _run_chunk(model_fn, schedule, sigma2, log_sigma2, chain_key, x, step_ids, first, config=config,
                                mesh=mesh)
             trajectory.append(ys)
             if progress:

@@ -144,18 +144,19 @@ def estimate_stats(needs: Sequence[statistics.Statistic], model_fn: ModelFn, sch
 # The bound over a split.
 
 
-@functools.partial(jax.jit, static_argnames=("networks", "mean_type", "clip_x0"))
+@functools.partial(jax.jit, static_argnames=("networks", "mean_type", "clip_x0", "cdf"))
 def _bound_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, log_variances: tuple, *,
-                 networks: tuple, mean_type: str, clip_x0: bool) -> list[dict[str, Array]]:
-    # Compiled once per (model function, K, batch shape, networks, mean type, clipping).
+                 networks: tuple, mean_type: str, clip_x0: bool, cdf: str) -> list[dict[str, Array]]:
+    # Compiled once per (model function, K, batch shape, networks, mean type, clipping, CDF).
     return losses.bound_terms(model_fn, schedule, x0, rng, log_variances, networks=networks, mean_type=mean_type,
-                              clip_x0=clip_x0)
+                              clip_x0=clip_x0, cdf=cdf)
 
 
-@functools.partial(jax.jit, static_argnames=("mean_type", "clip_x0"))
+@functools.partial(jax.jit, static_argnames=("mean_type", "clip_x0", "cdf"))
 def _ddim_bound_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, log_sigma2s: tuple, *,
-                      mean_type: str, clip_x0: bool) -> list[dict[str, Array]]:
-    return ddim_bound.ddim_bound_terms(model_fn, schedule, x0, rng, log_sigma2s, mean_type=mean_type, clip_x0=clip_x0)
+                      mean_type: str, clip_x0: bool, cdf: str) -> list[dict[str, Array]]:
+    return ddim_bound.ddim_bound_terms(model_fn, schedule, x0, rng, log_sigma2s, mean_type=mean_type, clip_x0=clip_x0,
+                                       cdf=cdf)
 
 
 def nll_bpd(model_fn: ModelFn, schedule: Schedule, data: np.ndarray, rng: Array, *,
@@ -180,6 +181,7 @@ def nll_bpd_by_variance(
     batch_size: int = 128,
     mean_type: str = "eps",
     clip_x0: bool = False,
+    batch_offset: int = 0,
 ) -> dict[str, dict]:
     """Ho et al. eq. 5 in bits/dim per example of `data` for several σ choices at the cost of one:
     {record name: dict(mean, stderr, num_examples, num_steps, total [N], prior [N], terms [K] (mean per step))}.
@@ -187,11 +189,13 @@ def nll_bpd_by_variance(
     schedule: the full T-step chain; the bound runs on the sub-chain kept_steps(T, num_steps,
     spacing, steps) (the sampler's), which always keeps t = 0, so its L_0 is the decoder on the
     data. stats {name: [T]} holds what the records need (e.g. Γ for 'analytic'); decoder: the
-    decoder-step convention for every record (default: each record's own). One network call per
+    decoder-step convention for every record (default: each record's own); cdf: the decoder's normal
+    CDF ('exact', or 'tanh' as Ho's and improved-diffusion's code). One network call per
     step and example serves every choice, and every choice sees the same x_t draws, so
     differences between choices carry far less noise than their standard errors suggest. Each
     example gets one Monte Carlo draw of x_t per step (as Ho's code), so the standard error
-    covers both data and noise.
+    covers both data and noise. batch_offset: the index of data's first batch in a larger split
+    (batch b draws from fold_in(rng, b)), so a split evaluated in parts gives the same per-example totals.
     """
     _check_full_chain(schedule)
     data = _check_data(data)
@@ -206,6 +210,8 @@ def nll_bpd_by_variance(
         raise ValueError(f"variances must be distinct, got {names}")
     if num_steps is not None:
         _check_positive_int("num_steps", num_steps)
+    if cdf not in losses.CDFS:
+        raise ValueError(f"cdf must be one of {losses.CDFS}, got {cdf!r}")
     kept = schedules.kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
     sub = schedules.respace(schedule, kept)
     chain = variances_lib.chain(schedule, kept)
@@ -226,14 +232,14 @@ def nll_bpd_by_variance(
 
     parts = [dict(total=[], prior=[], term_sums=np.zeros(len(kept))) for _ in records]
     for index, (batch, count) in enumerate(statistics.padded_batches(data, batch_size)):
-        key = jax.random.fold_in(rng, index)
+        key = jax.random.fold_in(rng, batch_offset + index)
         out = []
         if ancestral:
             out += _bound_terms(model_fn, sub, jnp.asarray(batch), key, log_variances, networks=networks,
-                                mean_type=mean_type, clip_x0=bool(clip_x0))
+                                mean_type=mean_type, clip_x0=bool(clip_x0), cdf=cdf)
         if ddim:
             out += _ddim_bound_terms(model_fn, sub, jnp.asarray(batch), key, ddim_log_variances,
-                                     mean_type=mean_type, clip_x0=bool(clip_x0))
+                                     mean_type=mean_type, clip_x0=bool(clip_x0), cdf=cdf)
         for part, terms in zip([parts[i] for i in order], out):
             part["total"].append(np.asarray(terms["total"], np.float64)[:count])
             part["prior"].append(np.asarray(terms["prior"], np.float64)[:count])

@@ -295,7 +295,8 @@ def write_report(out_dir: str, records: list[dict], grids: dict, info: dict,
               f"'{conventions['decoder']}' ({DECODER_TEXT.get(conventions['decoder'], '')}); σ clipped on the last "
               f"{conventions['sigma_clip_steps']} noisy sampling steps at {conventions['sigma_clip_pixel']} "
               f"8-bit levels (0: none); x̂_0 clipped when sampling: {info['config']['sample']['clip_x0']}, "
-              f"in the bound: {info['config']['nll']['clip_x0']}; the decoder uses the exact normal CDF.\n\n")
+              f"in the bound: {info['config']['nll']['clip_x0']}; the decoder's normal CDF: "
+              f"'{conventions.get('cdf', 'exact')}'.\n\n")
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(header + markdown_table(rows, reference_choice))
     with open(os.path.join(out_dir, "run_info.json"), "w", encoding="utf-8") as f:

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import schedules, variances
+from ddpm_jax import losses, schedules, variances
 from ddpm_jax.evaluation import quality
 
 
@@ -70,6 +70,8 @@ def validate_config(config: ml_collections.ConfigDict, num_timesteps: int | None
     if isinstance(c.sigma_clip_pixel, bool) or not isinstance(c.sigma_clip_pixel, (int, float)) \
             or not c.sigma_clip_pixel > 0:
         _fail("conventions.sigma_clip_pixel", "a float > 0 (8-bit levels)", c.sigma_clip_pixel)
+    if c.cdf not in losses.CDFS:
+        _fail("conventions.cdf", f"one of {losses.CDFS}", c.cdf)
     if not config.seeds or not all(_is_int(s, 0) for s in config.seeds):
         _fail("seeds", "a non-empty tuple of ints >= 0", tuple(config.seeds))
     for path in ("sample.num_samples", "sample.batch_size", "nll.batch_size", "gamma.num_examples",
