@@ -182,6 +182,7 @@ def nll_bpd_by_variance(
     mean_type: str = "eps",
     clip_x0: bool = False,
     batch_offset: int = 0,
+    cdf: str = "exact",
 ) -> dict[str, dict]:
     """Ho et al. eq. 5 in bits/dim per example of `data` for several σ choices at the cost of one:
     {record name: dict(mean, stderr, num_examples, num_steps, total [N], prior [N], terms [K] (mean per step))}.
