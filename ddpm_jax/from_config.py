@@ -55,7 +55,7 @@ def variance_record(config: ml_collections.ConfigDict) -> variances.Variance:
 
 def channels_for(config: ml_collections.ConfigDict, record: variances.Variance) -> int:
     """The output channels a sampler or bound with σ record `record` reads: 2C when the network outputs σ², else C."""
-    return image_shape(config)[-1] * (2 if record.from_network else 1)
+    return variances.model_channels(image_shape(config)[-1], record.from_network)
 
 
 def out_channels(config: ml_collections.ConfigDict) -> int:

@@ -222,7 +222,8 @@ def check_bound_inputs(model_fn, schedule: Schedule, x0, choices: Sequence[varia
     learned = any(c.network is not None for c in choices)
     t = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
     out = jax.eval_shape(model_fn, jax.ShapeDtypeStruct(shape, jnp.float32), t).shape
-    allowed = [(*shape[:-1], 2 * shape[-1])] if learned else [shape, (*shape[:-1], 2 * shape[-1])]
+    with_variance = (*shape[:-1], variances.model_channels(shape[-1], True))
+    allowed = [with_variance] if learned else [shape, with_variance]
     if out not in allowed:
         raise ValueError(f"model_fn output must have shape {allowed[0]} for x0 of shape {shape} (2C channels when "
                          f"σ² comes from the network; a fixed σ reads the first C), got {out}")

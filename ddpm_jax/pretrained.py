@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpoints, config_validation, data, train
+from ddpm_jax import checkpoints, config_validation, data, train, variances
 from ddpm_jax.from_config import CONFIG_DIR, build_model, image_shape, load_config_file
 
 # --------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def make_config(unet: dict, diff: dict, dataset: str) -> ml_collections.ConfigDi
     channels = info.image_shape[-1]
     if unet["in_channels"] != channels:
         _refuse("in_channels", unet["in_channels"], f"{channels}, the channels of dataset {dataset!r}")
-    wanted = channels * (2 if diff["variance"] == "learned_range" else 1)
+    wanted = variances.model_channels(channels, variances.get(diff["variance"]).from_network)
     if unet["out_channels"] != wanted:
         _refuse("out_channels", unet["out_channels"], f"{wanted} for variance_type {diff['variance']!r} "
                 "(2 · in_channels exactly when the variance is learned)")

@@ -118,7 +118,7 @@ def ddim_step(schedule: Schedule, output: Array, x_t: Array, i: Array, z: Array,
 
 
 def _check_output(output: Array, x: Array, config: _Config) -> None:
-    channels = x.shape[-1] * (2 if config.network is not None else 1)
+    channels = variances.model_channels(x.shape[-1], config.network is not None)
     expected = (*x.shape[:-1], channels)
     if output.shape != expected:
         raise ValueError(f"model_fn output must have shape {expected} (per-device batch; 2C channels when the "

@@ -167,6 +167,11 @@ class Variance:
         return self.network is not None
 
 
+def model_channels(data_channels: int, from_network: bool) -> int:
+    """The one C-vs-2C rule: a network that outputs σ² has 2C output channels, else C (N&D §3.1)."""
+    return data_channels * (2 if from_network else 1)
+
+
 def _fixed_large(c: Chain, stats) -> np.ndarray:
     return c.betas
 
