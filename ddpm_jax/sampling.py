@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import chex
 import jax
@@ -190,7 +190,7 @@ def _is_name(value, allowed) -> bool:
 
 
 def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
-                chunk_size, devices, sigma_clip_steps, first_example=0) -> None:
+                chunk_size, devices, sigma_clip_steps, stats, first_example=0) -> None:
     """One ValueError naming the field and what is allowed, before anything is traced."""
     T = schedule.num_timesteps if isinstance(schedule, Schedule) else None
     checks = [
@@ -211,6 +211,8 @@ def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, varia
         (eta is None or variance is None,
          f"eta (DDIM) sets σ_t(η) itself: leave variance unset (or pass variance=variances.ddim(eta)), "
          f"got variance={variance!r}"),
+        (stats is None or isinstance(stats, Mapping) and all(isinstance(k, str) for k in stats),
+         f"stats must be None or a mapping {{statistic name: array [T]}} (e.g. {{'gamma': Γ}}), got {type(stats).__name__}"),
         (_is_int(sigma_clip_steps) and sigma_clip_steps >= 0,
          f"sigma_clip_steps must be an int >= 0 (0: no clipping), got {sigma_clip_steps!r}"),
         (_is_int(first_example) and 0 <= first_example < 2**30
@@ -266,7 +268,7 @@ def sample(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: A
     Returns x_0 [B, ...], or (x_0, trajectory) with return_trajectory.
     """
     _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
-                chunk_size, devices, sigma_clip_steps, first_example)
+                chunk_size, devices, sigma_clip_steps, stats, first_example)
     record = variances.ddim(eta) if eta is not None else variances.get("fixed_small" if variance is None else variance)
     kept = kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
     sub = respace(schedule, kept) if len(kept) < schedule.num_timesteps else schedule

@@ -253,7 +253,10 @@ def _load_attribute(spec: str):
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(where)
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise ValueError(f"variance {spec!r}: cannot import {where!r} ({err})") from None
     if not hasattr(module, attribute):
         raise ValueError(f"variance {spec!r}: {where} has no attribute {attribute!r}")
     return getattr(module, attribute)

@@ -366,7 +366,9 @@ def test_no_nan_or_inf_anywhere(chain, variance, mean_type, clip_x0):
     x_t = jnp.asarray(rng.standard_normal((K, 3)), jnp.float32)
     out = jnp.asarray(rng.standard_normal((K, 3)), jnp.float32)
     record = variances.VARIANCES[variance]
-    resolved = variances.resolve(record, c, {"gamma": rng.uniform(0, 1, T)})
+    # A lone custom 1-step chain has no full-chain β̃_2, so 'full_chain' (analytic's default) refuses it.
+    decoder = None if c.full_beta_tilde_2 is not None else "sub_chain"
+    resolved = variances.resolve(record, c, {"gamma": rng.uniform(0, 1, T)}, decoder=decoder)
     log_var_K = None if resolved.log_variance is None else jnp.asarray(resolved.log_variance)
     log_var = variances.batch_log_variance(record.network, log_var_K, schedule, jnp.tanh(out), t, x_t.shape)
     p = diffusion.p_mean_variance(schedule, out, x_t, t, log_var, mean_type=mean_type, clip_x0=clip_x0)
@@ -527,3 +529,57 @@ def test_optimal_eps_gives_the_exact_reverse_mean_and_analytic_variance(name):
     _, var_iso = oracles.gaussian_reverse_moments(chain, 0.1, 0.3, x_t, np.arange(K))
     sigma2_iso = variances.analytic_variance(c, oracles.gaussian_gamma(chain, 0.3))
     np.testing.assert_allclose(np.broadcast_to(sigma2_iso[:, None], var_iso.shape), var_iso, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Clipping x̂_0: ε̂ must be recomputed from the clipped x̂_0 (improved-diffusion; Song et al. eq. 12).
+
+
+def _clipping_case():
+    """A chain, x_t, an ε output whose x̂_0 leaves [−1, 1] in about half the entries, z, and float64 x̂_0 clipped and ε̂."""
+    schedule = schedules.get_schedule("linear", 100)
+    rng = np.random.default_rng(5)
+    t = jnp.asarray([3, 40, 70, 99], jnp.int32)
+    x_t = jnp.asarray(rng.standard_normal((4, 3, 3, 2)) * 1.5, jnp.float32)
+    eps = jnp.asarray(rng.standard_normal((4, 3, 3, 2)), jnp.float32)
+    ac = np.asarray(schedule.alphas_cumprod, np.float64)[np.asarray(t)].reshape(-1, 1, 1, 1)
+    one_minus = np.asarray(schedule.sqrt_one_minus_alphas_cumprod, np.float64)[np.asarray(t)].reshape(-1, 1, 1, 1) ** 2
+    x, e = np.asarray(x_t, np.float64), np.asarray(eps, np.float64)
+    raw = (x - np.sqrt(one_minus) * e) / np.sqrt(ac)
+    assert 0.2 < np.mean(np.abs(raw) > 1) < 0.9  # clipping is active in many entries, not all
+    x0 = np.clip(raw, -1, 1)
+    eps_clipped = (x - np.sqrt(ac) * x0) / np.sqrt(one_minus)
+    return schedule, t, x_t, eps, x0, eps_clipped
+
+
+def test_clipped_p_mean_variance_recomputes_eps_from_the_clipped_x0():
+    schedule, t, x_t, eps, x0, eps_clipped = _clipping_case()
+    b = np.asarray(schedule.betas, np.float64)
+    ac = np.cumprod(1 - b)
+    ac_prev = np.append(1.0, ac[:-1])
+    i = np.asarray(t)
+    coef1 = (np.sqrt(ac_prev) * b / (1 - ac))[i].reshape(-1, 1, 1, 1)
+    coef2 = ((1 - ac_prev) * np.sqrt(1 - b) / (1 - ac))[i].reshape(-1, 1, 1, 1)
+    p = diffusion.p_mean_variance(schedule, eps, x_t, t, jnp.zeros((4, 1, 1, 1)), clip_x0=True)
+    np.testing.assert_allclose(p["pred_x0"], x0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p["pred_eps"], eps_clipped, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(p["mean"], coef1 * x0 + coef2 * np.asarray(x_t, np.float64), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_clipped_ddim_step_uses_the_eps_of_the_clipped_x0(eta):
+    """Song et al. eq. 12 in float64: x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ²) ε̂(x̂_0) + σ z, per example's step."""
+    from ddpm_jax import sampling  # pylint: disable=import-outside-toplevel
+
+    schedule, t, x_t, eps, x0, eps_clipped = _clipping_case()
+    b = np.asarray(schedule.betas, np.float64)
+    ac = np.cumprod(1 - b)
+    ac_prev = np.append(1.0, ac[:-1])
+    sigma2 = eta**2 * b * (1 - ac_prev) / (1 - ac)
+    z = np.random.default_rng(6).standard_normal(x_t.shape)
+    for j, i in enumerate(np.asarray(t)):
+        out = sampling.ddim_step(schedule, eps[j:j + 1], x_t[j:j + 1], jnp.int32(i), jnp.asarray(z[j:j + 1], jnp.float32),
+                                 jnp.asarray(sigma2, jnp.float32), mean_type="eps", clip_x0=True)
+        want = (np.sqrt(ac_prev[i]) * x0[j] + np.sqrt(1 - ac_prev[i] - sigma2[i]) * eps_clipped[j]
+                + np.sqrt(sigma2[i]) * z[j])
+        np.testing.assert_allclose(out[0], want, rtol=1e-4, atol=2e-5, err_msg=f"step {i}")

@@ -263,3 +263,47 @@ def test_bpd_terms_validates_its_inputs():
         losses.bpd_terms(model_fn, full, x0, key, variance="analytic", num_steps=5)
     with pytest.raises(ValueError, match="variance 'ddim_eta0.5' .*bound"):  # DDIM's bound needs q_σ, not this one
         losses.bpd_terms(model_fn, full, x0, key, variance="ddim_eta0.5", num_steps=5)
+
+
+def test_bound_is_prior_plus_every_term_each_recomputed_in_float64():
+    """Ho eq. 5: L = L_T + Σ_{t>1} L_{t−1} + L_0, every piece recomputed in float64 from the β's alone.
+
+    A short chain (ᾱ_T ≈ 0.86) makes L_T ≈ 0.8 bits/dim, so a bound that drops the prior is far off. The
+    x_t draws are rebuilt from the bound's key layout (one key per step, jax.random.split).
+    """
+    schedule = schedules.get_schedule("quadratic", 20)
+    K = schedule.num_timesteps
+    mu, s = 0.1, np.linspace(0.1, 0.3, 8).reshape(2, 2, 2)
+    x0 = jnp.asarray(oracles.gaussian_grid_data(np.random.default_rng(3), mu, s, 6))
+    model_fn = oracles.gaussian_eps_oracle(schedule, mu + 0.05, 1.2 * s)  # imperfect: KL terms > 0
+    rng = jax.random.PRNGKey(7)
+    out = losses.bpd_terms(model_fn, schedule, x0, rng, variance="fixed_large")
+
+    b = np.asarray(schedule.betas, np.float64)
+    ac = np.cumprod(1.0 - b)
+    ac_prev = np.append(1.0, ac[:-1])
+    beta_tilde = b * (1.0 - ac_prev) / (1.0 - ac)
+    sigma2 = np.append(beta_tilde[1], b[1:])  # fixed_large, decoder 'sub_chain' (K = T): σ_1² = β̃_2
+    x = np.asarray(x0, np.float64)
+    # L_T = KL(N(√ᾱ_T x_0, 1 − ᾱ_T) ‖ N(0, 1)) per dimension, in bits.
+    prior = (0.5 * (-1 - np.log(1 - ac[-1]) + (1 - ac[-1]) + ac[-1] * x**2)).reshape(len(x), -1).mean(1) / LN2
+    terms = []
+    for i, key in enumerate(jax.random.split(rng, K)):
+        noise = np.asarray(jax.random.normal(key, x0.shape, x0.dtype), np.float64)
+        x_t = np.sqrt(ac[i]) * x + np.sqrt(1 - ac[i]) * noise
+        eps = np.asarray(model_fn(jnp.asarray(x_t, jnp.float32), jnp.full((len(x),), i, jnp.int32)), np.float64)
+        x0_hat = (x_t - np.sqrt(1 - ac[i]) * eps) / np.sqrt(ac[i])
+        coef1, coef2 = np.sqrt(ac_prev[i]) * b[i] / (1 - ac[i]), (1 - ac_prev[i]) * np.sqrt(1 - b[i]) / (1 - ac[i])
+        mean = coef1 * x0_hat + coef2 * x_t
+        if i == 0:
+            per_dim = -_log_bin_probs_float64(x, mean, np.sqrt(sigma2[0]))
+        else:
+            true_mean = coef1 * x + coef2 * x_t
+            per_dim = 0.5 * (np.log(sigma2[i] / beta_tilde[i]) + beta_tilde[i] / sigma2[i] - 1
+                             + (true_mean - mean) ** 2 / sigma2[i])
+        terms.append(per_dim.reshape(len(x), -1).mean(1) / LN2)
+    terms = np.stack(terms)
+    assert prior.mean() > 0.5  # the prior is a large part of this bound
+    np.testing.assert_allclose(out["prior"], prior, rtol=1e-4)
+    np.testing.assert_allclose(out["terms"], terms, rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(out["total"], terms.sum(0) + prior, rtol=1e-3)

@@ -73,7 +73,13 @@ def test_full_chain_bound_is_above_the_data_entropy_and_tight_with_the_analytic_
         out = nll.nll_bpd(_oracle(schedule), schedule, data, jax.random.PRNGKey(1), variance=variance,
                           stats={"gamma": oracles.gaussian_gamma(schedule, S)}, batch_size=512)
         assert out["num_examples"] == 512 and out["terms"].shape == (T,)
-        np.testing.assert_allclose(out["mean"], out["total"].mean())
+        # L_T per example in float64 (KL(N(√ᾱ_T x_0, 1 − ᾱ_T) ‖ N(0, 1))), and the mean and its s.e. by NumPy/scipy.
+        ac = float(np.prod(1.0 - np.asarray(schedules.linear_betas(T), np.float64)))
+        x = np.asarray(data, np.float64).reshape(len(data), -1)
+        prior = np.mean(0.5 * (-1.0 - np.log(1.0 - ac) + (1.0 - ac) + ac * x**2), axis=1) / np.log(2.0)
+        np.testing.assert_allclose(out["prior"], prior, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(out["mean"], np.mean(np.asarray(out["total"], np.float64)), rtol=1e-6)
+        np.testing.assert_allclose(out["stderr"], stats.sem(np.asarray(out["total"], np.float64)), rtol=1e-6)
         np.testing.assert_allclose(out["mean"], out["terms"].sum() + out["prior"].mean(), rtol=1e-6)
         # The bound is ≥ the NLL ≥ the entropy, up to Monte Carlo error.
         assert out["mean"] + 3.0 * out["stderr"] >= entropy, variance

@@ -4,6 +4,7 @@ All loop tests share one compiled step (same model and optimizer settings), and
 the XLA programs go to a persistent cache that the 8-device subprocess reuses.
 """
 
+import functools
 import importlib.util
 import json
 import os
@@ -14,11 +15,14 @@ import subprocess
 import sys
 import tempfile
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
+from scipy import stats
 
-from ddpm_jax import checkpoints, data, train
+from ddpm_jax import checkpoints, data, schedules, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Compiling the tiny UNet's step takes ~30 s of CPU; runs of the same program reuse it across processes.
@@ -233,3 +237,75 @@ def test_eight_devices_match_one_device(uninterrupted, tmp_path):
     my_state, _, _ = checkpoints.load_item(workdir, "state", step=N)
     for x, y in zip(leaves(other_state["params"]), leaves(my_state["params"]), strict=True):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# The step's pieces against independent references (fast: no UNet).
+
+
+def test_training_draws_every_t_uniformly_including_zero():
+    """Ho Algorithm 1: t ~ Uniform{1..T} (zero-based {0..T−1}); chi-square of 20,000 draws against uniform."""
+    T, n = 10, 20_000
+    t, noise, _ = jax.jit(train.per_example_randomness, static_argnums=(3, 4))(
+        jax.random.PRNGKey(0), np.int32(3), np.arange(n), T, (2,))
+    counts = np.bincount(np.asarray(t), minlength=T)
+    assert len(counts) == T and counts[0] > 0, f"t = 0 (the paper's t = 1, the decoder step) never drawn: {counts}"
+    assert stats.chisquare(counts).pvalue > 1e-4, counts
+    z = np.asarray(noise).ravel()  # and the noise is N(0, 1)
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+
+
+def test_adam_step_size_follows_the_warm_up_schedule():
+    """Adam with a constant gradient moves each parameter by lr_k (m̂/√v̂ = 1), so update k is lr·min(k, W)/W."""
+    lr, warmup = 0.5, 4
+    optimizer = train.make_optimizer(lr, warmup, grad_clip=1e9)
+    params = {"w": np.zeros(3, np.float32)}
+    state = optimizer.init(params)
+    grads = {"w": np.array([1.0, -2.0, 0.5], np.float32)}
+    for k in range(warmup + 3):
+        updates, state = optimizer.update(grads, state, params)
+        expected = lr * min(k, warmup) / warmup
+        np.testing.assert_allclose(np.abs(updates["w"]), expected, rtol=1e-5, atol=1e-7, err_msg=f"step {k}")
+        assert np.all(np.sign(updates["w"]) * np.sign(grads["w"]) <= 0)  # descent
+        np.testing.assert_allclose(float(train.learning_rate_fn(lr, warmup)(k)), expected, rtol=1e-6)
+
+
+class _SqrtAtZero(nn.Module):
+    """out = w·x + 0·√v: with v = 0 the loss is finite but ∂/∂v = 0·∞ = NaN; with v = 1 every gradient is finite."""
+
+    v0: float
+
+    @nn.compact
+    def __call__(self, x, t, train=False):
+        w = self.param("w", lambda key: np.float32(0.5))
+        v = self.param("v", lambda key: np.float32(self.v0))
+        return w * x + 0.0 * jax.numpy.sqrt(v)
+
+
+def _tiny_step(v0):
+    model = _SqrtAtZero(v0)
+    optimizer = train.make_optimizer(1e-2, 0, 1.0)
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 2, 2, 1), np.float32), np.zeros(1, np.int32))["params"]
+    zero = np.zeros((), np.int32)
+    state = train.TrainState(step=np.int32(5), params=params, ema_params=params, opt_state=optimizer.init(params),
+                             nonfinite_count=np.int32(2), consecutive_nonfinite=zero)
+    step = functools.partial(train.train_step, model=model, schedule=schedules.get_schedule("linear", 50),
+                             optimizer=optimizer, lr_fn=train.learning_rate_fn(1e-2, 0), ema_decay=0.9,
+                             loss_type="simple", variance="fixed_small", mean_type="eps")
+    mesh = train.make_mesh(jax.devices()[:1])
+    run = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(train.AXIS), P()), out_specs=(P(), P())))
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 2, 2, 1)).astype(np.float32)
+    return state, run(state, images, jax.random.PRNGKey(1))
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_update():
+    before, (after, metrics) = _tiny_step(0.0)
+    assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+    assert int(metrics["skipped"]) == 1
+    for name in ("params", "ema_params", "opt_state"):  # bit for bit: no NaN reached the state
+        assert_bitwise_equal(getattr(after, name), getattr(before, name))
+    assert (int(after.step), int(after.nonfinite_count), int(after.consecutive_nonfinite)) == (6, 3, 1)
+    # Control: the same model with v = 1 has finite gradients and is updated.
+    before, (after, metrics) = _tiny_step(1.0)
+    assert int(metrics["skipped"]) == 0 and float(after.params["w"]) != float(before.params["w"])
+    assert (int(after.step), int(after.nonfinite_count), int(after.consecutive_nonfinite)) == (6, 2, 0)

@@ -222,5 +222,25 @@ def test_bpd_terms_refuses_invalid_input_with_the_argument_named():
         losses.bpd_terms(lambda x, t: x[:2], SCHEDULE, x0, jax.random.key(0))
     with pytest.raises(ValueError, match="stats\\['gamma'\\] must have shape"):
         losses.bpd_terms(model_fn, SCHEDULE, x0, jax.random.key(0), variance="analytic", stats={"gamma": np.ones(7)})
-    with pytest.raises(ValueError, match="no Gaussian bound"):
+    with pytest.raises(ValueError, match="'ddim_eta0.5' is DDIM: its bound is ddim_bound"):  # q_σ, not this bound
         losses.bpd_terms(model_fn, SCHEDULE, x0, jax.random.key(0), variance="ddim_eta0.5")
+
+
+@pytest.mark.parametrize("own_first", [1e-9, 0.5])
+@pytest.mark.parametrize("kept", [np.arange(T), np.array([0, 9, 30, 64, 99])])
+def test_every_decoder_convention_is_applied_to_a_probe_record(kept, own_first):
+    """A record whose σ_1² is a probe value: 'full_chain' and 'sub_chain' replace it, 'floor_sub_chain' floors it
+    (from below: 1e-9 → the floor; from above: 0.5 stays), for sampling and for the bound alike."""
+    probe = variances.Variance("probe", lambda c, stats: np.append(own_first, np.full(c.num_steps - 1, 0.01)))
+    c = variances.chain(SCHEDULE, kept)
+    full_beta_tilde_2 = _reference(schedules.linear_betas(T))[3][1]
+    sub_beta_tilde_2 = _reference(_sub_betas(kept))[3][1]
+    expected = {"full_chain": full_beta_tilde_2, "sub_chain": sub_beta_tilde_2,
+                "floor_sub_chain": max(own_first, sub_beta_tilde_2)}
+    assert set(expected) == set(variances.DECODERS)
+    for decoder, first in expected.items():
+        for for_bound in (False, True):
+            r = variances.resolve(probe, c, decoder=decoder, for_bound=for_bound)
+            np.testing.assert_allclose(r.variance[0], first, rtol=2e-6, err_msg=decoder)
+            np.testing.assert_allclose(r.variance[1:], 0.01, rtol=1e-6)
+    assert variances.resolve(probe, c).decoder == "sub_chain"  # a record's default convention
