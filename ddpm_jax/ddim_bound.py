@@ -137,7 +137,7 @@ def ddim_bpd_terms(
     """
     kept = schedules.kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
     log_sigma2 = ddim_log_variance(schedule, eta, kept, decoder)
-    sub = schedules.respace(schedule, kept)
+    sub = schedules.sub_chain(schedule, kept)
     losses.check_bound_inputs(model_fn, sub, x0, ())
     return ddim_bound_terms(model_fn, sub, x0, rng, (jnp.asarray(log_sigma2),), mean_type=mean_type,
                             clip_x0=clip_x0)[0]

@@ -255,7 +255,7 @@ def bpd_terms(
     """
     if num_steps is not None or steps is not None:
         kept = schedules.kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
-        sub, c = schedules.respace(schedule, kept), variances.chain(schedule, kept)
+        sub, c = schedules.sub_chain(schedule, kept), variances.chain(schedule, kept)
     else:
         sub, c = schedule, variances.chain(schedule)
     check_has_bound(variances.get(variance))

@@ -38,7 +38,7 @@ from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
 from ddpm_jax import diffusion, variances
-from ddpm_jax.schedules import SPACINGS, Schedule, kept_steps, respace
+from ddpm_jax.schedules import SPACINGS, Schedule, kept_steps, sub_chain
 
 Array = jax.Array
 AXIS = "batch"  # the one mesh axis: the batch is split over devices, nothing else is
@@ -271,7 +271,7 @@ def sample(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: A
                 chunk_size, devices, sigma_clip_steps, stats, first_example)
     record = variances.ddim(eta) if eta is not None else variances.get("fixed_small" if variance is None else variance)
     kept = kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
-    sub = respace(schedule, kept) if len(kept) < schedule.num_timesteps else schedule
+    sub = sub_chain(schedule, kept)
     resolved = variances.resolve(record, variances.chain(schedule, kept), stats, decoder=decoder,
                                  clip_steps=sigma_clip_steps, clip_pixel=sigma_clip_pixel)
     return run_chain(model_fn, sub, rng, shape, resolved, mean_type=mean_type, clip_x0=clip_x0,

@@ -301,6 +301,12 @@ def kept_steps(num_timesteps: int, num_steps: int | None = None, spacing: str = 
     return space_timesteps(num_timesteps, num_steps, spacing)
 
 
+def sub_chain(schedule: Schedule, kept: np.ndarray) -> Schedule:
+    """The chain the sampler and the bound run for `kept`: `schedule` itself when every step is kept (its exact
+    float64 ᾱ), else `respace(schedule, kept)`."""
+    return schedule if len(kept) == schedule.num_timesteps else respace(schedule, kept)
+
+
 def _make_strictly_increasing(steps: np.ndarray, num_timesteps: int) -> np.ndarray:
     # Quadratic spacing rounds several early steps onto the same integer.
     out = steps.copy()

@@ -20,9 +20,7 @@ untouched (pass --results=results/sigma_ablation to refresh them on purpose).
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -36,6 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from ddpm_jax import from_config, train  # noqa: E402
 from ddpm_jax.utils import runtime  # noqa: E402
+from experiments.sigma_ablation import report  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Training run directory (checkpoints, logs).")
 _RESULTS = flags.DEFINE_string("results", None, "Where the ablation's table, plots and grids go "
@@ -44,12 +43,6 @@ _TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "Training steps (defaul
 _REFERENCE = flags.DEFINE_string("reference", "results/sigma_ablation/results.csv",
                                  "The committed table the run is compared with ('' to skip).")
 _RTOL = flags.DEFINE_float("rtol", 1e-3, "Largest relative difference of a reproduced number.")
-
-# What is compared: every number of the table but the timings, which depend on the machine.
-COMPARED = ("nll_bpd_mean", "nll_bpd_std", "nll_stderr_mean", "nll_diff_mean", "fdd_mean", "fdd_std", "kid_mean",
-            "kid_std", "digits_is_mean", "digits_is_std", "fid_mean", "inception_is_mean")
-ROW_ID = ("setting", "spacing", "K")
-
 
 def digits_config(train_steps: int | None):
     config = from_config.load_config_file("digits.py")
@@ -67,33 +60,6 @@ def final_loss(workdir: str) -> float | None:
     with open(path, encoding="utf-8") as f:
         lines = [json.loads(line) for line in f if '"loss"' in line]
     return lines[-1]["loss"] if lines else None
-
-
-def _read_rows(path: str) -> dict[tuple, dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return {tuple(row.get(k, "") for k in ROW_ID): row for row in csv.DictReader(f)}
-
-
-def compare_tables(run_csv: str, reference_csv: str, rtol: float) -> tuple[bool, float, list[str]]:
-    """(reproduced, largest relative difference, one line per difference) between two results.csv files."""
-    run, reference = _read_rows(run_csv), _read_rows(reference_csv)
-    problems = [f"row {key} is missing from the run" for key in reference if key not in run]
-    problems += [f"row {key} is not in the reference" for key in run if key not in reference]
-    largest = 0.0
-    for key in reference.keys() & run.keys():
-        for column in COMPARED:
-            want, got = reference[key].get(column, ""), run[key].get(column, "")
-            if want == got == "":
-                continue
-            if (want == "") != (got == ""):
-                problems.append(f"{key} {column}: reference {want or 'empty'}, run {got or 'empty'}")
-                continue
-            want, got = float(want), float(got)
-            relative = abs(got - want) / max(abs(want), 1e-12)
-            largest = max(largest, relative)
-            if not relative <= rtol or math.isnan(relative):
-                problems.append(f"{key} {column}: reference {want:.6g}, run {got:.6g} (relative {relative:.2g})")
-    return not problems, largest, sorted(problems)
 
 
 def main(argv):
@@ -122,7 +88,7 @@ def main(argv):
                    cpu_count=os.cpu_count(), command=" ".join(["scripts/quickstart.py", *sys.argv[1:]]))
     reference = _REFERENCE.value and str(ROOT / _REFERENCE.value)
     if reference and os.path.abspath(reference) != os.path.abspath(os.path.join(results, "results.csv")):
-        reproduced, largest, problems = compare_tables(os.path.join(results, "results.csv"), reference, _RTOL.value)
+        reproduced, largest, problems = report.compare_tables(os.path.join(results, "results.csv"), reference, _RTOL.value)
         summary.update(reference=_REFERENCE.value, reproduced=reproduced, largest_relative_difference=largest,
                        differences=problems)
     with open(os.path.join(results, "quickstart.json"), "w", encoding="utf-8") as f:

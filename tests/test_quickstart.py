@@ -1,22 +1,13 @@
-"""scripts/quickstart.py's self-check: the run's table against the committed reference."""
+"""The quickstart's self-check (scripts/quickstart.py): a run's table against the committed reference."""
 
 import csv
-import functools
-import importlib.util
 import pathlib
 
 import pytest
 
+from experiments.sigma_ablation import report
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@functools.cache
-def _quickstart():
-    # Loaded once: the script defines absl flags, which a second load would define again.
-    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(path, rows):
@@ -31,7 +22,7 @@ ROWS = [dict(setting="analytic", spacing="even", K="10", nll_bpd_mean="6.25", fd
 
 
 def test_the_committed_reference_is_reproduced_by_itself_and_timings_do_not_count(tmp_path):
-    quickstart = _quickstart()
+    quickstart = report
     _write(tmp_path / "ref.csv", ROWS)
     run = [dict(r, sample_time_s_mean="9.9") for r in ROWS]
     run[0]["nll_bpd_mean"] = "6.2500001"
@@ -41,7 +32,7 @@ def test_the_committed_reference_is_reproduced_by_itself_and_timings_do_not_coun
 
 
 def test_a_changed_number_a_missing_row_and_a_new_bound_are_named(tmp_path):
-    quickstart = _quickstart()
+    quickstart = report
     _write(tmp_path / "ref.csv", ROWS)
     run = [dict(ROWS[0], fdd_mean="35.0"), dict(ROWS[1], nll_bpd_mean="7.0"),
            dict(ROWS[1], K="25")]

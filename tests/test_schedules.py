@@ -213,6 +213,8 @@ def test_space_timesteps(T, data, kind):
         if K > 1:
             assert steps[-1] == T - 1
             assert np.ptp(np.diff(steps)) <= 1  # gaps differ by rounding only
+    elif kind == "uniform":  # DDIM's code: range(0, T, T // K), its first K steps
+        np.testing.assert_array_equal(steps, (T // K) * np.arange(K))
     else:  # DDIM's quadratic spacing, moved up only where rounding merged steps
         raw = np.minimum(np.floor(np.linspace(0, math.sqrt(0.8 * T), K) ** 2), T - 1)
         assert np.all(steps >= raw)
@@ -308,7 +310,8 @@ def test_bad_respace_steps(steps):
 
 def test_schedule_is_a_pytree_that_jits():
     schedule = schedules.get_schedule("cosine", 50)
-    assert len(jax.tree_util.tree_leaves(schedule)) == len(FIELDS) + 1
+    # FIELDS, timesteps, and the float64 ᾱ as raw bits
+    assert len(jax.tree_util.tree_leaves(schedule)) == len(FIELDS) + 2
     total = jax.jit(lambda s: s.alphas_cumprod.sum())(schedule)
     np.testing.assert_allclose(total, np.asarray(schedule.alphas_cumprod, np.float64).sum(), rtol=1e-6)
 
@@ -318,3 +321,18 @@ def test_betas_that_underflow_alpha_bar_before_the_last_step_are_refused():
     with pytest.raises(ValueError, match="betas drive"):
         schedules.get_schedule("custom", 200, betas=betas)
     assert np.isfinite(np.asarray(schedules.get_schedule("custom", 20, betas=betas[:20]).alphas_cumprod)).all()
+
+
+@pytest.mark.parametrize("name, T, zero_snr", [("linear", 1000, False), ("cosine", 50, False), ("linear", 1000, True)])
+def test_the_exact_float64_alphas_cumprod_travels_with_the_schedule(name, T, zero_snr, reference_fields):
+    """variances.chain reads ᾱ in float64 from the Schedule: it must be the host's float64 value to the bit."""
+    schedule = schedules.get_schedule(name, T, zero_terminal_snr=zero_snr)
+    ac = schedules.alphas_cumprod_f64(schedule)
+    assert ac.dtype == np.float64 and ac.shape == (T,)
+    betas = np.asarray(schedules.SCHEDULES[name](T), np.float64)
+    if zero_snr:
+        betas = schedules.rescale_zero_terminal_snr(betas)
+    np.testing.assert_array_equal(ac, schedules.floor_terminal(np.cumprod(1.0 - betas)))
+    np.testing.assert_array_equal(np.asarray(schedule.alphas_cumprod), ac.astype(np.float32))
+    jitted = jax.jit(lambda s: s)(schedule)  # the bits survive a trip through jit
+    np.testing.assert_array_equal(schedules.alphas_cumprod_f64(jitted), ac)

@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
-from ddpm_jax import checkpoints, data, schedules, train
+from ddpm_jax import checkpoints, data, from_config, schedules, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Compiling the tiny UNet's step takes ~30 s of CPU; runs of the same program reuse it across processes.
@@ -88,7 +88,7 @@ def test_step_skips_nonfinite_updates_and_keeps_ema_equation():
     config = tiny_config(ema_decay=0.9)
     mesh = train.make_mesh()
     state = train.replicate(jax.device_get(train.create_train_state(config, jax.random.PRNGKey(0))), mesh)
-    schedule = train.replicate(train.build_schedule(config), mesh)
+    schedule = train.replicate(from_config.build_schedule(config), mesh)
     rng = train.replicate(jax.random.PRNGKey(1), mesh)
     images = next(data.get_dataset("digits", "train", batch_size=16, seed=0))["image"]
     step = lambda s, x: train.parallel_train_step(s, train.shard_batch(x, mesh), rng, schedule,

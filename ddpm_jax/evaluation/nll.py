@@ -214,7 +214,7 @@ def nll_bpd_by_variance(
     if cdf not in losses.CDFS:
         raise ValueError(f"cdf must be one of {losses.CDFS}, got {cdf!r}")
     kept = schedules.kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
-    sub = schedules.respace(schedule, kept)
+    sub = schedules.sub_chain(schedule, kept)
     chain = variances_lib.chain(schedule, kept)
     for record in records:
         losses.check_has_bound(record, ddim_allowed=True)

@@ -302,3 +302,39 @@ def write_report(out_dir: str, records: list[dict], grids: dict, info: dict,
     with open(os.path.join(out_dir, "run_info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, default=str)
     return rows
+
+
+# --------------------------------------------------------------------------
+# Comparing a run's table with a reference (the quickstart's self-check).
+
+# Every number of the table but the timings, which depend on the machine.
+COMPARED = ("nll_bpd_mean", "nll_bpd_std", "nll_stderr_mean", "nll_diff_mean", "fdd_mean", "fdd_std", "kid_mean",
+            "kid_std", "digits_is_mean", "digits_is_std", "fid_mean", "inception_is_mean")
+ROW_ID = ("setting", "spacing", "K")
+
+
+def _read_rows(path: str) -> dict[tuple, dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return {tuple(row.get(k, "") for k in ROW_ID): row for row in csv.DictReader(f)}
+
+
+def compare_tables(run_csv: str, reference_csv: str, rtol: float) -> tuple[bool, float, list[str]]:
+    """(reproduced, largest relative difference, one line per difference) between two results.csv files."""
+    run, reference = _read_rows(run_csv), _read_rows(reference_csv)
+    problems = [f"row {key} is missing from the run" for key in reference if key not in run]
+    problems += [f"row {key} is not in the reference" for key in run if key not in reference]
+    largest = 0.0
+    for key in reference.keys() & run.keys():
+        for column in COMPARED:
+            want, got = reference[key].get(column, ""), run[key].get(column, "")
+            if want == got == "":
+                continue
+            if (want == "") != (got == ""):
+                problems.append(f"{key} {column}: reference {want or 'empty'}, run {got or 'empty'}")
+                continue
+            want, got = float(want), float(got)
+            relative = abs(got - want) / max(abs(want), 1e-12)
+            largest = max(largest, relative)
+            if not relative <= rtol or math.isnan(relative):
+                problems.append(f"{key} {column}: reference {want:.6g}, run {got:.6g} (relative {relative:.2g})")
+    return not problems, largest, sorted(problems)
