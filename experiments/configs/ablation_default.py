@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     # training images of the gamma group at all T steps (ddpm_jax/trajectories.py).
     config.spacings = ("even", "optimal")
     # Every row's bound (and sample quality, per seed) is also reported as a paired difference to this choice's.
-    config.reference = "fixed_large"
+    config.reference = "fixed_large"  # "" (or None): no paired differences
     config.seeds = (0, 1, 2)
     config.grid_size = 64  # samples of the first seed in each setting's grid
 

@@ -137,7 +137,7 @@ def main(argv):
                 config=dict(config.to_dict(), output_dir=report.portable_path(out_dir)))
     rows = report.write_report(out_dir, records, grids, info, reference)
     logging.info("Wrote %d rows to %s in %.1f min (this invocation)", len(rows), out_dir, info["wall_time_s"] / 60)
-    print(report.markdown_table(rows, config.reference))
+    print(report.markdown_table(rows, settings.reference_of(config)))
 
 
 if __name__ == "__main__":

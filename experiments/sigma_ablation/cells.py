@@ -171,7 +171,7 @@ def records_from_files(plan: Plan, config: ml_collections.ConfigDict, cells_dir:
             for seed in config.seeds:
                 path = os.path.join(cells_dir, Cell("bound", spacing, num_steps, seed).file)
                 bounds = store.read_npz(path) if os.path.exists(path) else {}
-                reference = bounds.get(config.reference)
+                reference = bounds.get(settings.reference_of(config))
                 for record in plan.choices:
                     kept = plan.kept[(record.name, spacing, num_steps)]
                     if kept is None:

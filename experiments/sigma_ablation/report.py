@@ -267,7 +267,7 @@ def grid_name(setting: str, spacing: str | None, k) -> str:
 
 def write_report(out_dir: str, records: list[dict], grids: dict, info: dict,
                  reference: np.ndarray | None) -> list[dict]:
-    reference_choice = info["config"].get("reference")
+    reference_choice = info["config"].get("reference") or None
     rows = aggregate(records, reference_choice)
     write_csv(rows, os.path.join(out_dir, "results.csv"))
     write_csv(records, os.path.join(out_dir, "per_seed.csv"))

@@ -29,6 +29,11 @@ def sigma_choices(config: ml_collections.ConfigDict, trained: variances.Variance
     return records + [variances.ddim(eta) for eta in config.ddim_etas]
 
 
+def reference_of(config: ml_collections.ConfigDict) -> str | None:
+    """The σ choice rows are paired against; None for "" or None (a command-line override can only give a string)."""
+    return None if config.reference in (None, "", "None") else config.reference
+
+
 def _fail(path: str, allowed: str, value: Any) -> None:
     raise ValueError(f"{path} must be {allowed}, got {value!r}")
 
@@ -59,8 +64,8 @@ def validate_config(config: ml_collections.ConfigDict, num_timesteps: int | None
     if not config.spacings or not all(isinstance(v, str) and v in allowed for v in config.spacings) \
             or len(set(config.spacings)) != len(config.spacings):
         _fail("spacings", f"a non-empty tuple of distinct names from {allowed}", tuple(config.spacings))
-    if config.reference is not None and config.reference not in names:
-        _fail("reference", f"None or one of the variances {names} (the row differences are paired against it)",
+    if reference_of(config) is not None and config.reference not in names:
+        _fail("reference", f"'' (none) or one of the variances {names} (the row differences are paired against it)",
               config.reference)
     c = config.conventions
     if c.decoder != "own" and c.decoder not in variances.DECODERS:
