@@ -61,10 +61,11 @@ def _mean_output(model_fn: ModelFn, x_t: Array, t: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames="mean_type")
-def _gamma_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, steps: Array, *,
-                 mean_type: str) -> Array:
-    """||ε_θ(x_t, t)||²/d for each step in `steps` [S] and each example of x0 [B] -> [S, B]."""
+def _step_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, steps: Array, *,
+                mean_type: str) -> tuple[Array, Array]:
+    """(||ε_θ(x_t, t)||²/d, ||ε − ε_θ(x_t, t)||²/d) for each step in `steps` [S] and example of x0 [B] -> two [S, B]."""
     batch = x0.shape[0]
+    mean_flat = lambda v: jnp.mean(v, axis=tuple(range(1, v.ndim)))
 
     def one_step(_, inputs):
         step, key = inputs
@@ -72,38 +73,53 @@ def _gamma_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, s
         noise = jax.random.normal(key, x0.shape, x0.dtype)
         x_t = diffusion.q_sample(schedule, x0, t, noise)
         _, eps = diffusion.predict_x0_eps(schedule, x_t, t, model_fn(x_t, t), mean_type)
-        return None, jnp.mean(eps**2, axis=tuple(range(1, eps.ndim)))
+        return None, (mean_flat(eps**2), mean_flat((eps - noise) ** 2))
 
     keys = jax.random.split(rng, steps.shape[0])
-    _, sq_norms = jax.lax.scan(one_step, None, (steps, keys))
-    return sq_norms
+    _, (sq_norms, sq_errors) = jax.lax.scan(one_step, None, (steps, keys))
+    return sq_norms, sq_errors
 
 
-def estimate_gamma(model_fn: ModelFn, schedule: Schedule, data: np.ndarray, rng: Array, *,
-                   steps: Sequence[int] | None = None, batch_size: int = 256, mean_type: str = "eps") -> np.ndarray:
-    """Analytic-DPM §3: Γ_t ≈ (1/M) Σ_m ||ε_θ(x_t^m, t)||²/d, x_t^m ~ q(x_t|x_0^m), float64 [T].
+def estimate_step_statistics(model_fn: ModelFn, schedule: Schedule, data: np.ndarray, rng: Array, *,
+                             steps: Sequence[int] | None = None, batch_size: int = 256,
+                             mean_type: str = "eps") -> dict[str, np.ndarray]:
+    """{'gamma': Γ_t, 'eps_mse': M_t}, float64 [T], from one Monte Carlo pass over t (Bao et al. 2022 §3–4).
 
-    schedule: the full T-step chain. data [M, ...]: training examples in [−1, 1],
-    each with a fresh ε per step. steps: the zero-based steps to estimate (default
-    all T, T·M network calls); the union of the kept steps of every sub-chain to
-    evaluate is enough. Other entries are NaN. Callers validate their inputs
-    (`evaluation.nll.estimate_gamma` is the checked public entry).
+    Γ_t = E||ε_θ(x_t, t)||²/d (Thm. 1) and M_t = E||ε − ε_θ(x_t, t)||²/d (the mean term of every
+    pair KL, ddpm_jax/trajectories.py), x_t^m ~ q(x_t|x_0^m) over training examples data [M, ...]
+    in [−1, 1], one fresh ε per example and step, the same draws for both. schedule: the full
+    T-step chain. steps: the zero-based steps to estimate (default all T, T·M network calls);
+    the union of the kept steps of every sub-chain to evaluate is enough; other entries are NaN.
+    Callers validate their inputs (`evaluation.nll.estimate_gamma` is the checked public entry).
     """
     num_timesteps = schedule.num_timesteps
     steps = np.arange(num_timesteps) if steps is None else schedules.validate_steps(steps, num_timesteps)
     batch_size = min(batch_size, data.shape[0])
     model_fn = mean_output_fn(model_fn)
-    total = np.zeros(len(steps), dtype=np.float64)
+    totals = np.zeros((2, len(steps)))
     for index, (batch, count) in enumerate(padded_batches(data, batch_size)):
-        sq_norms = _gamma_terms(model_fn, schedule, jnp.asarray(batch), jax.random.fold_in(rng, index),
-                                jnp.asarray(steps, jnp.int32), mean_type=mean_type)
-        total += np.asarray(sq_norms, dtype=np.float64)[:, :count].sum(axis=1)
-    gamma = np.full(num_timesteps, np.nan)
-    gamma[steps] = total / data.shape[0]
-    return gamma
+        out = _step_terms(model_fn, schedule, jnp.asarray(batch), jax.random.fold_in(rng, index),
+                          jnp.asarray(steps, jnp.int32), mean_type=mean_type)
+        totals += np.stack([np.asarray(o, np.float64)[:, :count].sum(axis=1) for o in out])
+    result = {}
+    for name, total in zip(("gamma", "eps_mse"), totals):
+        result[name] = np.full(num_timesteps, np.nan)
+        result[name][steps] = total / data.shape[0]
+    return result
+
+
+def estimate_gamma(model_fn: ModelFn, schedule: Schedule, data: np.ndarray, rng: Array, **kwargs) -> np.ndarray:
+    """Analytic-DPM §3: Γ_t ≈ (1/M) Σ_m ||ε_θ(x_t^m, t)||²/d, float64 [T] (`estimate_step_statistics`)."""
+    return estimate_step_statistics(model_fn, schedule, data, rng, **kwargs)["gamma"]
+
+
+def estimate_eps_mse(model_fn: ModelFn, schedule: Schedule, data: np.ndarray, rng: Array, **kwargs) -> np.ndarray:
+    """M_t = (1/M) Σ_m ||ε − ε_θ(x_t^m, t)||²/d, float64 [T] (`estimate_step_statistics`)."""
+    return estimate_step_statistics(model_fn, schedule, data, rng, **kwargs)["eps_mse"]
 
 
 GAMMA = Statistic("gamma", estimate_gamma, "Γ_t = E||ε_θ(x_t, t)||²/d (Bao et al. 2022, Thm. 1)")
+EPS_MSE = Statistic("eps_mse", estimate_eps_mse, "M_t = E||ε − ε_θ(x_t, t)||²/d (the mean term of every pair KL)")
 
 
 def at_steps(name: str, values: np.ndarray, timesteps: np.ndarray) -> np.ndarray:

@@ -47,56 +47,9 @@ LOG2 = float(np.log(2.0))
 # Per-step statistics, one pass over t.
 
 
-@functools.partial(jax.jit, static_argnames="mean_type")
-def _step_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, steps: Array, *,
-                mean_type: str) -> tuple[Array, Array]:
-    """(||ε_θ||²/d, ||ε − ε_θ||²/d) for each step in `steps` [S] and each example of x0 [B] -> two [S, B]."""
-    batch = x0.shape[0]
-
-    def one_step(_, inputs):
-        step, key = inputs
-        t = jnp.full((batch,), step, dtype=jnp.int32)
-        noise = jax.random.normal(key, x0.shape, x0.dtype)
-        x_t = diffusion.q_sample(schedule, x0, t, noise)
-        _, eps = diffusion.predict_x0_eps(schedule, x_t, t, model_fn(x_t, t), mean_type)
-        return None, (losses.mean_flat(eps**2), losses.mean_flat((eps - noise) ** 2))
-
-    keys = jax.random.split(rng, steps.shape[0])
-    _, (sq_norms, sq_errors) = jax.lax.scan(one_step, None, (steps, keys))
-    return sq_norms, sq_errors
-
-
-def estimate_step_statistics(model_fn, schedule: Schedule, data: np.ndarray, rng: Array, *,
-                             steps: Sequence[int] | None = None, batch_size: int = 256,
-                             mean_type: str = "eps") -> dict[str, np.ndarray]:
-    """{'gamma': Γ_t, 'eps_mse': M_t}, float64 [T], from one Monte Carlo pass over t (Bao et al. 2022 §3–4).
-
-    Γ_t = E||ε_θ(x_t, t)||²/d (as `statistics.GAMMA`) and M_t = E||ε − ε_θ(x_t, t)||²/d, with
-    x_t ~ q(x_t|x_0), x_0 over `data` [M, ...], one fresh ε per example and step; the same draws
-    serve both. schedule: the full chain; steps: as `statistics.estimate_gamma` (others NaN).
-    """
-    num_timesteps = schedule.num_timesteps
-    steps = np.arange(num_timesteps) if steps is None else schedules.validate_steps(steps, num_timesteps)
-    batch_size = min(batch_size, data.shape[0])
-    model_fn = statistics.mean_output_fn(model_fn)
-    totals = np.zeros((2, len(steps)))
-    for index, (batch, count) in enumerate(statistics.padded_batches(data, batch_size)):
-        out = _step_terms(model_fn, schedule, jnp.asarray(batch), jax.random.fold_in(rng, index),
-                          jnp.asarray(steps, jnp.int32), mean_type=mean_type)
-        totals += np.stack([np.asarray(o, np.float64)[:, :count].sum(axis=1) for o in out])
-    result = {}
-    for name, total in zip(("gamma", "eps_mse"), totals):
-        result[name] = np.full(num_timesteps, np.nan)
-        result[name][steps] = total / data.shape[0]
-    return result
-
-
-def _estimate_eps_mse(model_fn, schedule, data, rng, **kwargs) -> np.ndarray:
-    return estimate_step_statistics(model_fn, schedule, data, rng, **kwargs)["eps_mse"]
-
-
-EPS_MSE = statistics.Statistic("eps_mse", _estimate_eps_mse,
-                               "M_t = E||ε − ε_θ(x_t, t)||²/d (the mean term of every pair KL)")
+# One Monte Carlo pass gives both per-step statistics the pair costs read (statistics.py).
+estimate_step_statistics = statistics.estimate_step_statistics
+EPS_MSE = statistics.EPS_MSE
 
 
 # --------------------------------------------------------------------------
