@@ -84,13 +84,11 @@ def ddim_bound_terms(
     `losses.bound_terms`: one lax.scan over the K steps, the same key layout (so the same x_t
     draws), model_fn called with `schedule.timesteps`. Jit-able; `ddim_bpd_terms` validates.
     """
-    batch, channels = x0.shape[0], x0.shape[-1]
+    channels = x0.shape[-1]
 
     def one_step(_, inputs):
         i, key = inputs
-        t = jnp.full((batch,), i, dtype=jnp.int32)
-        noise = jax.random.normal(key, x0.shape, x0.dtype)
-        x_t = diffusion.q_sample(schedule, x0, t, noise)
+        t, noise, x_t = diffusion.q_draw(schedule, x0, i, key)
         output = model_fn(x_t, jnp.take(schedule.timesteps, t))[..., :channels]
         pred_x0, pred_eps = diffusion.predict_x0_eps(schedule, x_t, t, output, mean_type)
         if clip_x0:
@@ -129,6 +127,7 @@ def ddim_bpd_terms(
     steps: Sequence[int] | None = None,
     mean_type: str = "eps",
     clip_x0: bool = False,
+    cdf: str = "exact",
 ) -> dict[str, Array]:
     """The DDIM(η) bound in bits/dim for each example of x0 [B, ...] in [−1, 1], on the sub-chain
     kept_steps(T, num_steps, spacing, steps) of the full chain `schedule` (the sampler's).
@@ -139,5 +138,7 @@ def ddim_bpd_terms(
     log_sigma2 = ddim_log_variance(schedule, eta, kept, decoder)
     sub = schedules.sub_chain(schedule, kept)
     losses.check_bound_inputs(model_fn, sub, x0, ())
+    if cdf not in losses.CDFS:
+        raise ValueError(f"cdf must be one of {losses.CDFS}, got {cdf!r}")
     return ddim_bound_terms(model_fn, sub, x0, rng, (jnp.asarray(log_sigma2),), mean_type=mean_type,
-                            clip_x0=clip_x0)[0]
+                            clip_x0=clip_x0, cdf=cdf)[0]

@@ -68,6 +68,16 @@ def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
     )
 
 
+def q_draw(schedule: Schedule, x0: Array, i: Array, key: Array) -> tuple[Array, Array, Array]:
+    """One Monte Carlo draw at step i for every example: (t = i [B], ε ~ N(0, I) from key, x_t = q_sample(x0, t, ε)).
+
+    The draw that the bound, DDIM's bound and the step statistics share, so their x_t are the same.
+    """
+    t = jnp.full(x0.shape[:1], i, dtype=jnp.int32)
+    noise = jax.random.normal(key, x0.shape, x0.dtype)
+    return t, noise, q_sample(schedule, x0, t, noise)
+
+
 # --------------------------------------------------------------------------
 # Posterior q(x_{t−1} | x_t, x_0).
 

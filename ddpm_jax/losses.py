@@ -180,13 +180,11 @@ def bound_terms(
     model_fn is called with the original step indices `schedule.timesteps`. Jit-able; callers
     validate (`bpd_terms`, `evaluation.nll`).
     """
-    batch, channels = x0.shape[0], x0.shape[-1]
+    channels = x0.shape[-1]
 
     def one_step(_, inputs):
         i, key = inputs
-        t = jnp.full((batch,), i, dtype=jnp.int32)
-        noise = jax.random.normal(key, x0.shape, x0.dtype)
-        x_t = diffusion.q_sample(schedule, x0, t, noise)
+        t, noise, x_t = diffusion.q_draw(schedule, x0, i, key)
         output = model_fn(x_t, jnp.take(schedule.timesteps, t))
         out = []
         for log_variance, network in zip(log_variances, networks):

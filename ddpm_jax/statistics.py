@@ -64,14 +64,11 @@ def _mean_output(model_fn: ModelFn, x_t: Array, t: Array) -> Array:
 def _step_terms(model_fn: Partial, schedule: Schedule, x0: Array, rng: Array, steps: Array, *,
                 mean_type: str) -> tuple[Array, Array]:
     """(||ε_θ(x_t, t)||²/d, ||ε − ε_θ(x_t, t)||²/d) for each step in `steps` [S] and example of x0 [B] -> two [S, B]."""
-    batch = x0.shape[0]
     mean_flat = lambda v: jnp.mean(v, axis=tuple(range(1, v.ndim)))
 
     def one_step(_, inputs):
         step, key = inputs
-        t = jnp.full((batch,), step, dtype=jnp.int32)
-        noise = jax.random.normal(key, x0.shape, x0.dtype)
-        x_t = diffusion.q_sample(schedule, x0, t, noise)
+        t, noise, x_t = diffusion.q_draw(schedule, x0, step, key)
         _, eps = diffusion.predict_x0_eps(schedule, x_t, t, model_fn(x_t, t), mean_type)
         return None, (mean_flat(eps**2), mean_flat((eps - noise) ** 2))
 

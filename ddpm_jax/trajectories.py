@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from ddpm_jax import diffusion, losses, schedules, statistics, variances
+from ddpm_jax import diffusion, losses, statistics, variances
 from ddpm_jax.schedules import Schedule
 
 Array = jax.Array

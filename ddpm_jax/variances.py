@@ -31,7 +31,6 @@ import pathlib
 from typing import Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import statistics

@@ -207,7 +207,6 @@ def test_step_statistics_of_the_exact_eps_model():
 def test_ddim_bound_terms_match_float64_with_clipping():
     """Song et al. eqs. 7, 12: KL = ‖√ᾱ_{t−1}(x_0 − x̂_0) + √(1 − ᾱ_{t−1} − σ²)(ε − ε̂)‖²/(2σ²), ε̂ from clipped x̂_0."""
     eta, kept = 0.6, np.array([0, 2, 5, 9])
-    sub = schedules.respace(SMALL, kept)
     x0 = jnp.asarray(np.random.default_rng(2).uniform(-0.9, 0.9, (5, 3, 1)).round(2), jnp.float32)
     model_fn = lambda x, t: 1.7 * x  # noqa: E731  x̂_0 leaves [−1, 1] at several steps
     rng = jax.random.PRNGKey(3)
