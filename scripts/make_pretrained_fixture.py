@@ -1,6 +1,7 @@
 """Writes tests/fixtures/pretrained_tiny/: a tiny diffusers DDPM in the released layout, with reference outputs.
 
   python scripts/make_pretrained_fixture.py [--out=tests/fixtures/pretrained_tiny]
+  python scripts/make_pretrained_fixture.py --layout=digits   # tests/fixtures/pretrained_digits
 
 The UNet has google/ddpm-cifar10-32's structure shrunk: the same block types
 (attention only at the second of its levels, so neither at the full
@@ -30,6 +31,11 @@ TINY_UNET = dict(
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     norm_num_groups=4, norm_eps=1e-6, attention_head_dim=None, downsample_padding=0,
     flip_sin_to_cos=False, freq_shift=1, act_fn="silu", time_embedding_type="positional")
+
+# The same structure at the offline digits' shape (8×8×1), for running every mode on a loaded release
+# without a download: tests/fixtures/pretrained_digits (--layout=digits; no reference outputs needed there).
+DIGITS_UNET = dict(TINY_UNET, sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                   down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 
 # google/ddpm-cifar10-32's scheduler_config.json (DDPMScheduler, Ho et al. §4).
 CIFAR10_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
@@ -81,8 +87,16 @@ def fixture_inputs(config: dict, num_timesteps: int, seed: int) -> tuple[np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "pretrained_tiny"
-    parser.add_argument("--out", type=pathlib.Path, default=default)
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--layout", choices=("cifar10", "digits"), default="cifar10")
     args = parser.parse_args()
+    if args.layout == "digits":
+        out = args.out or default.with_name("pretrained_digits")
+        out.mkdir(parents=True, exist_ok=True)
+        save_release(build_unet(DIGITS_UNET, seed=3), CIFAR10_SCHEDULER, out)
+        print(f"wrote {sorted(p.name for p in out.iterdir())} to {out}")
+        return
+    args.out = args.out or default
     args.out.mkdir(parents=True, exist_ok=True)
     model = build_unet(TINY_UNET, seed=0)
     save_release(model, CIFAR10_SCHEDULER, args.out)
