@@ -163,6 +163,9 @@ def test_a_changed_config_is_refused_then_reuses_the_cached_statistics(workdir, 
     new_out = Path(f"{ref_out}_1")
     assert "Reused statistics" in log and "Computed statistics" not in log
     assert "Reused pair_costs_analytic" in log and "Computed pair_costs" not in log
+    # The digits classifier and the reference features of the quality metric too (FDD/KID/IS equal below).
+    assert "Computed digits_reference" in ref_log and "Reused digits_reference" in log
+    assert "Computed digits_reference" not in log
     expected = [r for r in _csv(ref_out / "per_seed.csv") if r["seed"] == "0"]
     assert _csv(new_out / "per_seed.csv") == expected
     print(f"\nstatistics and pair costs: computed in {_seconds(ref_log, 'statistics') + _seconds(ref_log, 'pair_costs'):.2f} s, "

@@ -126,15 +126,17 @@ def classifier_accuracy(params, images, labels):
 
 
 def digits_sample_quality(params, samples, reference_images, *, rng, num_splits=10,
-                          kid_subsets=100, kid_subset_size=None):
+                          kid_subsets=100, kid_subset_size=None, ref_features=None):
     """FDD, digits IS and KID of samples against reference images (both [N, 8, 8, 1]).
 
     Returns {"fdd", "is_mean", "is_std", "kid_mean", "kid_std"}; the IS is of
     the samples alone. rng: np.random.Generator for the KID subsets;
-    kid_subset_size None means min(1000, N_samples, N_reference).
+    kid_subset_size None means min(1000, N_samples, N_reference). ref_features:
+    the reference images' features when already computed (reference_images is then unused).
     """
     gen_features, gen_logits = classifier_features(params, samples)
-    ref_features, _ = classifier_features(params, reference_images)
+    if ref_features is None:
+        ref_features, _ = classifier_features(params, reference_images)
     if kid_subset_size is None:
         kid_subset_size = min(1000, len(gen_features), len(ref_features))
     is_mean, is_std = metrics.inception_score(gen_logits, num_splits)

@@ -62,20 +62,32 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --multihost: this p
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def build_quality_fn(config, dataset: str, reference: np.ndarray):
-    """(score(samples, seed) -> {metric: value} or None, the kind name) for config.quality."""
+def build_quality_fn(config, dataset: str, reference: np.ndarray, cache: store.Cache):
+    """(score(samples, seed) -> {metric: value} or None, the kind name) for config.quality.
+
+    The reference side (the digits classifier and the reference features, or the Inception features of the
+    reference images) is computed once and kept in the cache, like Γ_t.
+    """
     weights = config.quality.inception_weights or os.environ.get(inception.WEIGHTS_ENV_VAR)
     kind = quality.resolve_quality_kind(config.quality.kind, dataset, weights) if config.sample.num_samples else "none"
     logging.info("Sample quality: %s", kind)
+    fields = dict(dataset=dataset, reference_split=config.quality.reference_split, num_reference=len(reference))
     if kind == "digits":
-        source = data.open_source(dataset, "train")
-        labels = np.array([source[i]["label"] for i in range(len(source))], np.int32)
-        return quality.digits_quality_fn(data.load_split_array(dataset, "train"), labels, reference,
-                                         seed=config.quality.classifier_seed,
-                                         classifier_steps=config.quality.classifier_steps,
-                                         kid_subsets=config.quality.kid_subsets), kind
+        def compute():
+            source = data.open_source(dataset, "train")
+            labels = np.array([source[i]["label"] for i in range(len(source))], np.int32)
+            return quality.digits_reference(data.load_split_array(dataset, "train"), labels, reference,
+                                            seed=config.quality.classifier_seed,
+                                            classifier_steps=config.quality.classifier_steps)
+
+        arrays = cache.get("digits_reference", dict(fields, classifier_seed=config.quality.classifier_seed,
+                                                    classifier_steps=config.quality.classifier_steps), compute)
+        return quality.digits_quality_fn_from(arrays, kid_subsets=config.quality.kid_subsets), kind
     if kind == "inception":
-        return quality.inception_quality_fn(reference, weights=weights, kid_subsets=config.quality.kid_subsets), kind
+        arrays = cache.get("inception_reference", dict(fields, weights=os.path.basename(weights)),
+                           lambda: quality.inception_reference(reference, weights=weights))
+        return quality.inception_quality_fn(reference, weights=weights, kid_subsets=config.quality.kid_subsets,
+                                            reference=arrays), kind
     return None, kind
 
 
@@ -116,7 +128,7 @@ def main(argv):
     train_images = data.load_split_array(dataset, "train", image_size=image_size,
                                          max_examples=config.gamma.num_examples)
     reference = data.load_split_array(dataset, config.quality.reference_split, image_size=image_size)
-    quality_fn, kind = build_quality_fn(config, dataset, reference)
+    quality_fn, kind = build_quality_fn(config, dataset, reference, cache)
 
     with StopRequest() as stop:
         result = cells.run_ablation(
