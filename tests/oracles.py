@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
+from ddpm_jax import schedules
 from ddpm_jax.diffusion import extract
 from ddpm_jax.schedules import Schedule
 
@@ -110,3 +111,13 @@ def gaussian_nll_bpd(mu, s) -> float:
     p = np.diff(special.ndtr((edges[None, :] - mu.reshape(-1, 1)) / s.reshape(-1, 1)), axis=1)
     entropy_nats = -np.sum(p * np.log(np.where(p > 0, p, 1.0)), axis=1)
     return float(np.mean(entropy_nats) / np.log(2.0))
+
+
+def short_chain_problem(num: int, dim: int = 8, num_timesteps: int = 10):
+    """A short chain with large β's (0.01 … 0.5) and gridded Gaussian data N(μ, diag s²) of `dim` dimensions:
+    (schedule, μ, s, data [num, dim]) from seed 0, small enough for brute force over trajectories."""
+    schedule = schedules.get_schedule("linear", num_timesteps, beta_start=0.01, beta_end=0.5)
+    rng = np.random.default_rng(0)
+    mu = rng.uniform(-0.3, 0.3, dim)
+    s = rng.uniform(0.2, 0.5, dim)
+    return schedule, mu, s, gaussian_grid_data(rng, mu, s, num)

@@ -22,11 +22,8 @@ DIM = 8
 
 @pytest.fixture(scope="module")
 def setup():
-    schedule = schedules.get_schedule("linear", T, beta_start=0.01, beta_end=0.5)
-    rng = np.random.default_rng(0)
-    mu = rng.uniform(-0.3, 0.3, DIM)
-    s = rng.uniform(0.2, 0.5, DIM)
-    data = jnp.asarray(oracles.gaussian_grid_data(rng, mu, s, 256))
+    schedule, mu, s, data = oracles.short_chain_problem(256, DIM, T)
+    data = jnp.asarray(data)
     model_fn = oracles.gaussian_eps_oracle(schedule, mu + 0.1, 1.3 * s)  # imperfect: the KL mean terms are > 0
     return schedule, data, model_fn
 

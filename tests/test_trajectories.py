@@ -24,11 +24,7 @@ NUM = 2048
 
 @pytest.fixture(scope="module")
 def setup():
-    schedule = schedules.get_schedule("linear", T, beta_start=0.01, beta_end=0.5)
-    rng = np.random.default_rng(0)
-    mu = rng.uniform(-0.3, 0.3, DIM)
-    s = rng.uniform(0.2, 0.5, DIM)
-    data = oracles.gaussian_grid_data(rng, mu, s, NUM)
+    schedule, mu, s, data = oracles.short_chain_problem(NUM, DIM, T)
     return schedule, mu, s, data, oracles.gaussian_eps_oracle(schedule, mu, s)
 
 
