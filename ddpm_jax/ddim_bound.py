@@ -138,7 +138,6 @@ def ddim_bpd_terms(
     log_sigma2 = ddim_log_variance(schedule, eta, kept, decoder)
     sub = schedules.sub_chain(schedule, kept)
     losses.check_bound_inputs(model_fn, sub, x0, ())
-    if cdf not in losses.CDFS:
-        raise ValueError(f"cdf must be one of {losses.CDFS}, got {cdf!r}")
+    losses.check_cdf(cdf)
     return ddim_bound_terms(model_fn, sub, x0, rng, (jnp.asarray(log_sigma2),), mean_type=mean_type,
                             clip_x0=clip_x0, cdf=cdf)[0]

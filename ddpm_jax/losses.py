@@ -49,6 +49,12 @@ def log_normal_cdf_diff(lower: Array, upper: Array) -> Array:
 CDFS = ("exact", "tanh")  # the decoder's normal CDF: exact log Φ, or Ho's / improved-diffusion's approximation
 
 
+def check_cdf(cdf: str) -> None:
+    """cdf must name a decoder CDF convention (`CDFS`)."""
+    if cdf not in CDFS:
+        raise ValueError(f"cdf must be one of {CDFS}, got {cdf!r}")
+
+
 def approx_standard_normal_cdf(x: Array) -> Array:
     """Φ(x) ≈ ½(1 + tanh(√(2/π)(x + 0.044715 x³))): the approximation in Ho et al.'s and improved-diffusion's code."""
     return 0.5 * (1.0 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * x**3)))
@@ -73,10 +79,9 @@ def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array,
     is Ho's and improved-diffusion's code (`tanh_discretized_log_likelihood`), whose
     tables are computed with it (it moves L_0 by up to ~0.03 bits/dim per image).
     """
+    check_cdf(cdf)
     if cdf == "tanh":
         return tanh_discretized_log_likelihood(x, mean, log_scale)
-    if cdf != "exact":
-        raise ValueError(f"cdf must be one of {CDFS}, got {cdf!r}")
     inv_stdv = jnp.exp(-log_scale)
     upper = inv_stdv * (x - mean + 1.0 / 255.0)
     lower = inv_stdv * (x - mean - 1.0 / 255.0)
@@ -259,8 +264,7 @@ def bpd_terms(
     check_has_bound(variances.get(variance))
     resolved = variances.resolve(variance, c, stats, decoder=decoder, for_bound=True)
     check_bound_inputs(model_fn, sub, x0, (resolved,))
-    if cdf not in CDFS:
-        raise ValueError(f"cdf must be one of {CDFS}, got {cdf!r}")
+    check_cdf(cdf)
     return bound_terms(model_fn, sub, x0, rng, (_as_array(resolved.log_variance),), networks=(resolved.network,),
                        mean_type=mean_type, clip_x0=clip_x0, cdf=cdf)[0]
 

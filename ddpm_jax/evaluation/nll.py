@@ -114,26 +114,26 @@ def estimate_gamma(
     (default all T, which costs T·M network calls); the union of the kept steps
     of every sub-chain to evaluate is enough. Other entries are NaN.
     """
-    _check_full_chain(schedule)
-    data = _check_data(data)
-    _check_positive_int("batch_size", batch_size)
-    if num_batches is not None:
+    if num_batches is not None:  # the checks of estimate_stats first, so the bad argument is named as before
+        _check_full_chain(schedule)
+        data = _check_data(data)
+        _check_positive_int("batch_size", batch_size)
         _check_positive_int("num_batches", num_batches)
         data = data[: num_batches * batch_size]
-    if mean_type not in diffusion.MEAN_TYPES:
-        raise ValueError(f"mean_type must be one of {diffusion.MEAN_TYPES}, got {mean_type!r}")
-    return statistics.estimate_gamma(model_fn, schedule, data, rng, steps=steps, batch_size=batch_size,
-                                     mean_type=mean_type)
+    return estimate_stats((statistics.GAMMA,), model_fn, schedule, data, rng, steps=steps, batch_size=batch_size,
+                          mean_type=mean_type)["gamma"]
 
 
 def estimate_stats(needs: Sequence[statistics.Statistic], model_fn: ModelFn, schedule: Schedule, data: np.ndarray,
                    rng: Array, *, steps: Sequence[int] | None = None, batch_size: int = 256,
                    mean_type: str = "eps") -> dict[str, np.ndarray]:
-    """{name: float64 [T]} for each distinct statistic in `needs`, each estimated once with `rng` (the checks of
-    `estimate_gamma` first)."""
+    """{name: float64 [T]} for each distinct statistic in `needs`, each estimated once with `rng`, after one
+    ValueError check of every argument (the full chain, data in [−1, 1], batch size, steps, mean type)."""
     _check_full_chain(schedule)
     data = _check_data(data)
     _check_positive_int("batch_size", batch_size)
+    if mean_type not in diffusion.MEAN_TYPES:
+        raise ValueError(f"mean_type must be one of {diffusion.MEAN_TYPES}, got {mean_type!r}")
     if steps is not None:
         steps = schedules.validate_steps(steps, schedule.num_timesteps)
     return {stat.name: stat.estimate(model_fn, schedule, data, rng, steps=steps, batch_size=batch_size,
@@ -211,8 +211,7 @@ def nll_bpd_by_variance(
         raise ValueError(f"variances must be distinct, got {names}")
     if num_steps is not None:
         _check_positive_int("num_steps", num_steps)
-    if cdf not in losses.CDFS:
-        raise ValueError(f"cdf must be one of {losses.CDFS}, got {cdf!r}")
+    losses.check_cdf(cdf)
     kept = schedules.kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
     sub = schedules.sub_chain(schedule, kept)
     chain = variances_lib.chain(schedule, kept)

@@ -60,14 +60,6 @@ def digits_quality_fn_from(reference: dict[str, np.ndarray], *,
     return score
 
 
-def digits_quality_fn(train_images, train_labels, reference_images, *, seed: int, classifier_steps: int,
-                      kid_subsets: int) -> Callable[[np.ndarray, int], dict[str, float]]:
-    """score(samples [N, 8, 8, 1], seed) -> {fdd, kid, digits_is} against reference_images (see classifier.py)."""
-    reference = digits_reference(train_images, train_labels, reference_images, seed=seed,
-                                 classifier_steps=classifier_steps)
-    return digits_quality_fn_from(reference, kid_subsets=kid_subsets)
-
-
 def inception_reference(reference_images, *, weights: str | None) -> dict[str, np.ndarray]:
     """The reference images' FID-Inception features ('ref_features'), as arrays a cache can keep."""
     ref_features, _ = inception.inception_features(inception.load_inception_variables(weights), reference_images)
