@@ -119,10 +119,6 @@ def per_example_randomness(rng: Array, step: Array, example_ids: Array, num_time
     return jax.vmap(one)(example_ids)
 
 
-def _where_tree(pred: Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
-
-
 def mean_over_devices(tree: Any, ordered: bool) -> Any:
     """The mean of `tree` over the mesh axis AXIS (inside shard_map); invariant over the axis.
 
@@ -174,15 +170,21 @@ def train_step(state: TrainState, images: Array, rng: Array, *, model: UNet, sch
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    def update(weights):
+        params, ema_params, opt_state = weights
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params)
+        return params, ema_params, opt_state
+
+    # lax.cond runs only the taken branch: the skipped update costs nothing and an applied
+    # one no extra pass. A jnp.where over params, EMA and both Adam moments read and wrote
+    # 6 copies of the weights each step (CIFAR-10 UNet, 2-core CPU: update 0.24 -> 0.20 s).
+    params, ema_params, opt_state = jax.lax.cond(finite, update, lambda weights: weights,
+                                                 (state.params, state.ema_params, state.opt_state))
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     new_state = TrainState(
-        step=state.step + 1,
-        params=_where_tree(finite, params, state.params),
-        ema_params=_where_tree(finite, ema_params, state.ema_params),
-        opt_state=_where_tree(finite, opt_state, state.opt_state),
+        step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
         nonfinite_count=state.nonfinite_count + skipped,
         consecutive_nonfinite=(state.consecutive_nonfinite + 1) * skipped,
     )

@@ -106,6 +106,7 @@ def _wait_for_cells(process: Run, out: Path, count: int) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow  # ~35 s beyond the shared fixtures on 2 cores
 def test_sigterm_and_sigkill_then_rerun_give_the_uninterrupted_tables(workdir, reference, tmp_path):
     ref_out, _ = reference
     total = _cells(ref_out)

@@ -389,6 +389,7 @@ def test_cli_pretrained_flag_converts_once_and_samples(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # ~25-50 s on 2 cores; test_cli_pretrained_flag_converts_once_and_samples stays in the default suite
 def test_every_mode_runs_on_a_loaded_release(tmp_path):
     """--pretrained then --mode=eval (the bound on the digits test split), the σ ablation on the converted
     checkpoint, and fine-tuning that resumes from the release's step 0; tests/fixtures/pretrained_digits is a
