@@ -162,21 +162,56 @@ def sampler(unet: UNet2DModel, betas: np.ndarray, num_steps: int, shape: tuple[i
 def serve(conn, kind: str, spec: dict) -> None:
     """Child-process loop: build the peer for `spec`, then answer each n received with n timings.
 
-    kind "train": n train steps, a list of seconds; kind "sample": n chains of spec["num_steps"] steps.
-    None ends the loop. A separate process keeps torch's threads from contending with XLA's.
+    kind "train": n train steps, a list of seconds; kind "sample": n chains of spec["num_steps"] steps;
+    kind "grad": n forward + backward passes of the UNet's L_simple, no optimizer; kind "conv": n runs of
+    one 3×3 convolution's spec["part"] ("forward", "input_grad" or "kernel_grad") at spec["shape"]
+    (N, H, C_in, C_out). None ends the loop. A separate process keeps torch's threads from contending with XLA's.
     """
     torch.manual_seed(0)
+    if kind == "conv":
+        _serve_timings(conn, conv_part(spec["part"], *spec["shape"]))
+        return
     unet = build_unet(types.SimpleNamespace(**spec["model"]), spec["image_size"], spec["channels"], spec["out_channels"],
                       spec["dropout"], spec["expected_params"])
     shape = (spec["batch"], spec["channels"], spec["image_size"], spec["image_size"])
     if kind == "train":
         step = TrainStep(unet, np.asarray(spec["alphas_cumprod"]), spec["lr"], spec["grad_clip"], spec["ema_decay"])
         x0 = torch.rand(shape) * 2 - 1
-        step(x0)  # warm-up
         fn = lambda: step(x0)
+    elif kind == "grad":
+        fn = grad_pass(unet.train(), torch.rand(shape) * 2 - 1, len(spec["alphas_cumprod"]))
     else:
         fn = sampler(unet, np.asarray(spec["betas"]), spec["num_steps"], shape)
-        fn()  # warm-up
+    _serve_timings(conn, fn)
+
+
+def grad_pass(unet: UNet2DModel, x_t: torch.Tensor, num_timesteps: int):
+    """One forward + backward of ‖ε − ε_θ(x_t, t)‖² (the cost of the network alone, without the optimizer)."""
+    t = torch.randint(0, num_timesteps, (x_t.shape[0],))
+    noise = torch.randn_like(x_t)
+
+    def run() -> None:
+        unet.zero_grad(set_to_none=True)
+        F.mse_loss(unet(x_t, t).sample, noise).backward()
+
+    return run
+
+
+def conv_part(part: str, n: int, size: int, c_in: int, c_out: int):
+    """One part of a 3×3, padding-1 convolution in NCHW, as torch runs it in a training step."""
+    x = torch.randn(n, c_in, size, size)
+    w = torch.randn(c_out, c_in, 3, 3) * 0.05
+    g = torch.randn(n, c_out, size, size)
+    parts = {"forward": lambda: F.conv2d(x, w, padding=1),
+             "input_grad": lambda: torch.nn.grad.conv2d_input(x.shape, w, g, padding=1),
+             "kernel_grad": lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, padding=1)}
+    run = parts[part]
+    return lambda: torch.no_grad()(run)()
+
+
+def _serve_timings(conn, fn) -> None:
+    """Warm `fn` up, say ready, then answer each n received with n wall-clock timings of fn()."""
+    fn()  # warm-up
     conn.send("ready")
     while (n := conn.recv()) is not None:
         seconds = []
