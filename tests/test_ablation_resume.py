@@ -153,6 +153,7 @@ def _seconds(log: str, kind: str) -> float:
     return sum(float(s) for s in re.findall(rf"(?:Computed|Reused) {kind}\S* (?:in |from \S+ \()([0-9.]+) s", log))
 
 
+@pytest.mark.slow  # ~30 s with the module's ablation fixtures on 2 cores
 def test_a_changed_config_is_refused_then_reuses_the_cached_statistics(workdir, reference):
     ref_out, ref_log = reference
     one_seed = _command(workdir, ref_out, workdir / "cache", "--config.seeds=(0,)")

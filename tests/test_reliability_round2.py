@@ -193,6 +193,7 @@ def test_a_bad_schedule_keyword_is_named_by_its_path(env):
 # Item 7.
 
 
+@pytest.mark.slow  # ~10 s; test_train.py's SIGTERM test and test_main.py's CLI one stay in the default suite
 def test_sigterm_before_the_training_loop_exits_cleanly_and_loses_nothing(env, copy, tmp_path):
     (copy / "config.json").unlink()  # written again just before the loop: the moment to signal
     before = {step: sorted(p.name for p in (copy / checkpoints.CHECKPOINT_DIR / str(step)).rglob("*"))
