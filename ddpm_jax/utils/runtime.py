@@ -37,8 +37,8 @@ from jax._src import xla_bridge
 # batch 8 without 'eltwise' 2.46 s wall vs 2.47 s with it (alone, eltwise materialises the scalar
 # broadcasts of the Adam/EMA update: that update took 0.17 s with it, 0.11 s without); digits
 # without it 0.223 s vs 0.201 s. --xla_cpu_enable_concurrency_optimized_scheduler either way:
-# within 2%. Op by op, XLA's 3x3 convolutions are within ~15% of oneDNN's at CIFAR-10 shapes and
-# up to 2.2x slower at the digits UNet's 8x8 and 4x4 (scripts/bench_parts.py).
+# within 2%. Op by op, XLA's 3x3 convolutions take 0.7-1.4x oneDNN's time at CIFAR-10 shapes and
+# up to 2.6x at the digits UNet's 8x8 and 4x4 (scripts/bench_parts.py).
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,individual_convolution",)
 
 CACHE_ENV = "DDPM_JAX_COMPILATION_CACHE"
