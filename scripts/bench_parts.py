@@ -17,10 +17,8 @@ and the UNet alone is the update (clip, Adam, EMA). Writes benchmarks/results/be
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -74,31 +72,6 @@ def conv_fn(part: str, n: int, size: int, c_in: int, c_out: int):
     return lambda: jax.block_until_ready(jitted(x, w, g))
 
 
-def time_calls(fn, n: int) -> list[float]:
-    seconds = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def side_by_side(ours, peer_kind: str, peer_spec: dict, rounds: int, repeats: int) -> dict:
-    import peers
-    ours()  # compile and warm up
-    peer = peers.PeerProcess(peer_kind, peer_spec)
-    ours_times, peer_times, loads = [], [], []
-    try:
-        for _ in range(rounds):
-            ours_times.append(time_calls(ours, repeats))
-            peer_times.append(peer.time(repeats))
-            loads.append(os.getloadavg()[0])
-    finally:
-        peer.close()
-    summary = peers.ratio_summary(ours_times, peer_times)
-    return {**summary, "load_min": min(loads), "load_max": max(loads)}
-
-
 COLUMNS = [("config", "config", "{}"), ("what", "what", "{}"), ("shape", "shape (N, H, C_in, C_out) / batch", "{}"),
            ("ours_median_s", "ddpm_jax (ms), median", "{:.2f}"), ("peer_median_s", "PyTorch (ms), median", "{:.2f}"),
            ("ratio_min", "ratio, min", "{:.2f}"), ("ratio_median", "ratio, median", "{:.2f}"),
@@ -121,12 +94,12 @@ def main() -> None:
         fn, num_params = unet_grad_fn(config)
         spec = bench_train.peer_spec(config, num_params)
         rows.append({"config": name, "what": "UNet forward + backward", "shape": f"batch {spec['batch']}",
-                     **side_by_side(fn, "grad", spec, args.rounds, args.repeats)})
+                     **bench_train.side_by_side(fn, "grad", spec, args.rounds, args.repeats)})
         print(rows[-1], flush=True)
         for shape in CONV_SHAPES.get(name, []):
             for part in CONV_PARTS:
                 rows.append({"config": name, "what": f"3×3 conv {part}", "shape": str(shape),
-                             **side_by_side(conv_fn(part, *shape), "conv", {"part": part, "shape": shape},
+                             **bench_train.side_by_side(conv_fn(part, *shape), "conv", {"part": part, "shape": shape},
                                             args.rounds, args.repeats)})
                 print({k: v for k, v in rows[-1].items() if k != "ratios"}, flush=True)
     for row in rows:  # milliseconds in the table

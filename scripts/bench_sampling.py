@@ -283,6 +283,7 @@ def write_results(rows: list[dict], info: dict, stem: Path, command: str) -> Non
 def run_peer(args) -> tuple[list[dict], dict]:
     """ddpm_jax's scan chain vs diffusers' DDPMScheduler loop on the digits UNet, alternating."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_train  # the side-by-side protocol of scripts/bench_train.py --peer
     import peers  # torch and diffusers: only with --peer
     from ddpm_jax import from_config
     config = from_config.load_config_file("digits.py")
@@ -303,18 +304,9 @@ def run_peer(args) -> tuple[list[dict], dict]:
     for num_steps in args.ks:
         chain = lambda: sampling.sample(model_fn, schedule, jax.random.key(1), shape, num_steps=num_steps,
                                         variance="fixed_small").block_until_ready()
-        chain()  # compile
-        peer = peers.PeerProcess("sample", spec | {"num_steps": num_steps})
-        ours, theirs = [], []
-        try:
-            for _ in range(args.repeats):
-                ours.append([timed(chain, 1)[0]])
-                theirs.append(peer.time(1))
-                loads.append(os.getloadavg()[0])
-        finally:
-            peer.close()
-        rows.append({"K": num_steps, "batch": shape[0], "params": num_params, "rounds": args.repeats,
-                     **peers.ratio_summary(ours, theirs)})
+        summary = bench_train.side_by_side(chain, "sample", spec | {"num_steps": num_steps}, args.repeats, 1)
+        loads += [summary.pop("load_min"), summary.pop("load_max")]
+        rows.append({"K": num_steps, "batch": shape[0], "params": num_params, "rounds": args.repeats, **summary})
         print(" | ".join(f"{k}={v}" for k, v in rows[-1].items() if k != "ratios"), flush=True)
     info = peers.environment() | {"backend": jax.default_backend(),
                                   "load_1min_during_run": f"{min(loads):.1f} to {max(loads):.1f}"}

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -71,6 +72,34 @@ def random_state(config, mesh, seed: int = 0) -> train.TrainState:
     return train.replicate(state, mesh)
 
 
+def time_calls(fn: Callable[[], None], n: int) -> list[float]:
+    """Wall seconds of each of n calls of fn (which must block until its result is ready)."""
+    seconds = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def side_by_side(ours: Callable[[], None], peer_kind: str, peer_spec: dict, rounds: int, repeats: int) -> dict:
+    """ours() against the PyTorch peer `peer_kind` (scripts/peers.py, a child process), alternating
+    `repeats` calls each for `rounds` rounds after one warm-up call of ours: peers.ratio_summary of the
+    wall times, with the 1-minute load average's range over the rounds."""
+    import peers  # torch and diffusers: only side by side
+    ours()  # compile and warm up
+    peer = peers.PeerProcess(peer_kind, peer_spec)
+    ours_times, peer_times, loads = [], [], []
+    try:
+        for _ in range(rounds):
+            ours_times.append(time_calls(ours, repeats))
+            peer_times.append(peer.time(repeats))
+            loads.append(os.getloadavg()[0])
+    finally:
+        peer.close()
+    return {**peers.ratio_summary(ours_times, peer_times), "load_min": min(loads), "load_max": max(loads)}
+
+
 class JaxStep:
     """The compiled data-parallel train step of a config, on random weights and images, ready to time."""
 
@@ -99,12 +128,7 @@ class JaxStep:
         jax.block_until_ready(self.metrics)
 
     def time_steps(self, steps: int) -> list[float]:
-        seconds = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            self()
-            seconds.append(time.perf_counter() - start)
-        return seconds
+        return time_calls(self, steps)
 
 
 def bench(name: str, batch_size: int, bf16: bool, steps: int, ordered: bool = False) -> dict:
@@ -163,24 +187,13 @@ def peer_spec(config, expected_params: int) -> dict:
 
 def bench_peer(name: str, batch_size: int, rounds: int, steps: int) -> dict:
     """ddpm_jax's step and the diffusers peer's, alternating `steps` steps each for `rounds` rounds."""
-    import peers  # torch and diffusers: only with --peer
     config = load_config(name)
     config.training.batch_size = batch_size
     ours = JaxStep(config)
-    ours()  # warm-up
     num_params = count_params(ours.state.params)
-    peer = peers.PeerProcess("train", peer_spec(config, num_params))
-    loads, ours_times, peer_times = [], [], []
-    try:
-        for _ in range(rounds):
-            ours_times.append(ours.time_steps(steps))
-            peer_times.append(peer.time(steps))
-            loads.append(os.getloadavg()[0])
-    finally:
-        peer.close()
+    summary = side_by_side(ours, "train", peer_spec(config, num_params), rounds, steps)
     return {"config": name, "params": num_params, "batch": batch_size, "rounds": rounds, "steps_per_round": steps,
-            **peers.ratio_summary(ours_times, peer_times), "compile_s": ours.compile_s,
-            "loss": float(ours.metrics["loss"]), "load_min": min(loads), "load_max": max(loads)}
+            **summary, "compile_s": ours.compile_s, "loss": float(ours.metrics["loss"])}
 
 
 PEER_COLUMNS = [("config", "config", "{}"), ("params", "parameters", "{:,}"), ("batch", "batch", "{}"),

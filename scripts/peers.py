@@ -130,16 +130,6 @@ class TrainStep:
         return loss.detach().item()
 
 
-def time_train_steps(step: TrainStep, x0: torch.Tensor, steps: int) -> list[float]:
-    """Wall seconds of each of `steps` train steps (float(loss) synchronises)."""
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step(x0)
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 def sampler(unet: UNet2DModel, betas: np.ndarray, num_steps: int, shape: tuple[int, ...], seed: int = 0):
     """A function running diffusers' DDPMScheduler ancestral loop over `num_steps` respaced steps."""
     scheduler = DDPMScheduler(num_train_timesteps=len(betas), trained_betas=betas.tolist(),
