@@ -170,3 +170,35 @@ def test_records_survive_the_csv_round_trip(tmp_path):
                     sample_time_s=0.5, nll_bpd=6.125, nll_stderr=0.0125, nll_examples=297, note="")]
     ablation_report.write_csv(records, str(tmp_path / "per_seed.csv"))
     assert ablation_report.read_records(str(tmp_path / "per_seed.csv")) == records
+
+
+def _toy_eps(w, x_t, t):
+    """A stand-in ε_θ: a fixed linear map of x_t plus a t-dependent shift (no compilation of a UNet)."""
+    return 0.3 * x_t * w + 0.01 * t[:, None, None, None].astype(x_t.dtype)
+
+
+def test_sigma_choices_of_one_structure_share_a_compiled_sampler_and_match_sampling_sample():
+    from jax.tree_util import Partial
+
+    from ddpm_jax import sampling, schedules
+    from experiments.sigma_ablation import runner
+    config = from_config.load_config_file(str(ROOT / "experiments" / "configs" / "ablation_tiny.py"))
+    schedule = schedules.get_schedule("linear", 100)
+    model_fn = Partial(_toy_eps, np.float32(0.9))
+    kept = schedules.kept_steps(schedule.num_timesteps, num_steps=10)
+    shape = (4, 8, 8, 1)
+    large, small, ddim = (variances.get(n) for n in ("fixed_large", "fixed_small", "ddim_eta0.5"))
+    assert runner.sampler_structure(large, kept) == runner.sampler_structure(small, kept)
+    assert runner.sampler_structure(large, kept) != runner.sampler_structure(ddim, kept)
+    assert runner.sampler_structure(large, kept) != runner.sampler_structure(large, kept[::2])
+    resolved = {r.name: runner.resolve_sigma(schedule, r, kept, config=config, stats={}) for r in (large, small)}
+    compiled, _ = runner.compile_sampler(model_fn, schedule, resolved["fixed_large"], kept, shape, config=config,
+                                         mean_type="eps")
+    rng = jax.random.PRNGKey(3)
+    outputs = {}
+    for name, r in resolved.items():  # one program, each choice's σ² as arguments
+        outputs[name] = np.asarray(compiled(model_fn, rng, np.int32(0), r.variance, r.log_variance))
+        direct = sampling.sample(model_fn, schedule, rng, shape, steps=kept, variance=name,
+                                 decoder=runner.decoder_of(config), clip_x0=config.sample.clip_x0)
+        np.testing.assert_allclose(outputs[name], np.asarray(direct), rtol=1e-5, atol=1e-6)
+    assert np.abs(outputs["fixed_large"] - outputs["fixed_small"]).max() > 1e-3  # σ² is read, not frozen

@@ -18,28 +18,32 @@ from jax._src import xla_bridge
 
 # XLA:CPU flags the project sets when the user has not set XLA_FLAGS. They name only the
 # CPU compiler, so GPU/TPU programs are unaffected.
-#   --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,individual_convolution
-# XLA already hands single convolutions and reductions to YNNPACK; this adds matrix products
-# and fusions of elementwise ops. A profile of the digits train step (jax.profiler, 2 cores)
-# put 49% of the thread time in YNNPACK convolutions (the kernel gradients the largest),
-# 26% in the transposes and copies XLA inserts around them, 7% in elementwise fusions,
-# 9% in dots. Measured (2-core AMD EPYC, jax 0.10.2, other jobs running, CPU-s per step,
-# min over 6 steps): digits batch 128: XLA's defaults 0.394, +dot 0.375,
-# +dot,individual_convolution 0.355, +reduce 0.331, all four 0.302 (0.77x);
-# CIFAR-10 batch 8: no change (5.26-5.45 vs 5.33-5.64 CPU-s, two runs each), loss and
-# gradient norm equal to 7 digits. (--xla_cpu_use_onednn, fast math and bf16 matmul
-# precision changed nothing, per the filer.) Writing the 3x3 convolutions as im2col +
-# matmul, or a custom_vjp whose kernel gradient is one matmul over im2col patches, was slower
-# (digits: 0.52 and 1.2 CPU-s per step against 0.33 for lax.conv): XLA's CPU convolutions
-# beat its dots on these shapes, and a custom_vjp under the per-example vmap of train_step
-# computes a kernel gradient per example.
-# Re-measured 2026-12-03 (load ~1.5), each pair compiled in one process and interleaved: CIFAR-10
-# batch 8 without 'eltwise' 2.46 s wall vs 2.47 s with it (alone, eltwise materialises the scalar
-# broadcasts of the Adam/EMA update: that update took 0.17 s with it, 0.11 s without); digits
-# without it 0.223 s vs 0.201 s. --xla_cpu_enable_concurrency_optimized_scheduler either way:
-# within 2%. Op by op, XLA's 3x3 convolutions take 0.7-1.4x oneDNN's time at CIFAR-10 shapes and
-# up to 2.6x at the digits UNet's 8x8 and 4x4 (scripts/bench_parts.py).
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,individual_convolution",)
+#   --xla_cpu_experimental_ynn_fusion_type=dot,reduce
+# YNNPACK (XLA's CPU kernel library) for matrix products and reductions; convolutions and
+# elementwise fusions stay with XLA's own emitters (Eigen convolutions, loop fusions). XLA's
+# default also hands single convolutions to YNNPACK, so the flag is needed to keep them out.
+# Measured 2026-12-03 on the project's 2-core AMD EPYC (jax 0.10.2), every variant of the
+# train step compiled in one process (compiler_options) and timed interleaved, wall seconds per
+# step, median of 12-18:
+#   CIFAR-10 batch 8: dot,eltwise,reduce,individual_convolution (the previous choice) 2.36-2.73,
+#     dot,eltwise,reduce 2.56, dot,reduce 2.09-2.38, reduce 2.31, dot 2.98, none 2.89;
+#   digits batch 128: previous 0.196-0.219, dot,eltwise,reduce 0.190, dot,reduce 0.174-0.180,
+#     reduce 0.170, dot 0.178, none 0.181.
+# dot,reduce is 0.85-0.89x the previous step time at both sizes (CPU seconds about equal: the
+# Eigen convolutions keep both cores busier). YNNPACK's convolutions lose at the CIFAR-10 shapes
+# once forward, input and kernel gradient run together (the 19 distinct 3x3 convolutions of that
+# UNet, each forward + both gradients: 1.83 s with YNNPACK, 1.50 s without, 1.48 s for PyTorch's
+# oneDNN); YNNPACK's eltwise fusions materialise the scalar broadcasts of the Adam/EMA update
+# (that update alone: 0.17 s with them, 0.11 s without). XNNPACK convolutions
+# (--xla_cpu_experimental_xnn_fusion_type=individual_convolution) were within noise of Eigen's.
+# Tried without gain: --xla_cpu_use_onednn / --xla_cpu_experimental_onednn_custom_call (no oneDNN
+# call appears in the compiled step), --xla_cpu_enable_concurrency_optimized_scheduler (within 2%),
+# kernel layouts OIHW/OHWI/HWOI and explicit padding (noise), kernel gradients as im2col or
+# shifted-slice matmuls (1.0-3.3x slower: a custom_vjp under the per-example vmap of train_step
+# computes a kernel gradient per example), a hand-fused Adam + EMA (no gain), the model batched
+# instead of vmapped (same CPU time). Dropout costs nothing measurable (CIFAR-10 step with
+# dropout 0: same time). Side by side with PyTorch: scripts/bench_train.py --peer, bench_parts.py.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
 
 CACHE_ENV = "DDPM_JAX_COMPILATION_CACHE"
 

@@ -4,7 +4,9 @@ Under <out_dir>/cells/ (`store.atomic_write`):
   bound_<spacing>_K<K>_seed<s>.npz   the per-image bound [N] of every σ choice that has one at (spacing, K, seed),
                                      from one shared pass (same x_t draws): the rows and the paired
                                      differences are rebuilt from it
-  sample_<σ>_<spacing>_K<K>_seed<s>.json   sample count, sampling and compile time, sample quality
+  sample_<σ>_<spacing>_K<K>_seed<s>.json   sample count, sampling and compile time, sample quality (the
+                                     compile time of the program the cell ran, which the σ choices of one
+                                     `runner.sampler_structure` share)
   grid_<σ>_<spacing>_K<K>.npz        the first seed's grid, written before that seed's sample cell
 A rerun skips every cell whose file exists (process 0's view decides, `hosts.agree`) and the
 records are always rebuilt from the files in the plan's order, so a run stopped (SIGTERM: the
@@ -107,11 +109,13 @@ def _run_sample_cell(job: Job, plan: Plan, cell: Cell, bar) -> dict:
     record, kept = _record(plan, cell.setting), plan.kept[(cell.setting, cell.spacing, cell.K)]
     batch, shape = runner.sample_shape(config, job.test_images.shape[1:])
     bar.reset(total=math.ceil(config.sample.num_samples / batch))
-    compiled_key = (cell.setting, cell.spacing, cell.K)
-    if compiled_key not in job.compiled:
-        job.compiled[compiled_key] = runner.compile_sampler(job.model_fn, job.schedule, record, kept, shape,
-                                                            config=config, mean_type=job.mean_type, stats=job.stats)
-    fn, compile_s = job.compiled[compiled_key]
+    resolved = runner.resolve_sigma(job.schedule, record, kept, config=config, stats=job.stats)
+    structure = runner.sampler_structure(record, kept)
+    if structure not in job.compiled:
+        job.compiled[structure] = runner.compile_sampler(job.model_fn, job.schedule, resolved, kept, shape,
+                                                         config=config, mean_type=job.mean_type)
+    compiled, compile_s = job.compiled[structure]
+    fn = lambda model_fn, rng, first: compiled(model_fn, rng, first, resolved.variance, resolved.log_variance)
     samples, sample_s = runner.draw_samples(fn, job.model_fn, jax.random.fold_in(jax.random.PRNGKey(cell.seed), 0),
                                             config.sample.num_samples, batch, shape[0], bar)
     fields = dict(num_samples=len(samples), sample_time_s=sample_s, compile_time_s=compile_s)

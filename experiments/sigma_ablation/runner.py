@@ -16,6 +16,7 @@ costs of the optimal trajectories. Samples and bound batches are split over proc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -124,23 +125,39 @@ def sample_shape(config, example_shape: tuple[int, ...]) -> tuple[int, tuple[int
     return batch, (hosts.rows_per_process(batch, jax.local_device_count()),) + tuple(example_shape)
 
 
-def compile_sampler(model_fn: Partial, schedule, record: variances.Variance, steps: np.ndarray,
-                    shape: tuple[int, ...], *, config: ml_collections.ConfigDict, mean_type: str,
-                    stats: dict[str, np.ndarray]):
-    """(compiled f(model_fn, rng, first_example) -> samples [b, ...], seconds to compile): sampling.sample ahead
-    of time, for this process's rows of a batch."""
+def resolve_sigma(schedule, record: variances.Variance, steps: np.ndarray, *, config: ml_collections.ConfigDict,
+                  stats: dict[str, np.ndarray]) -> variances.Resolved:
+    """The σ choice's σ², log σ² on the K-step chain `steps`, as `sampling.sample` resolves them (on the host)."""
     c = config.conventions
+    kept = schedules.kept_steps(schedule.num_timesteps, steps=steps)
+    return variances.resolve(record, variances.chain(schedule, kept), stats, decoder=decoder_of(config),
+                             clip_steps=c.sigma_clip_steps, clip_pixel=c.sigma_clip_pixel)
 
-    def run(model_fn, rng, first):
-        fn = model_fn if record.from_network else statistics.mean_output_fn(model_fn)
-        return sampling.sample(fn, schedule, rng, shape, steps=steps, variance=record,
-                               stats=stats, decoder=decoder_of(config), sigma_clip_steps=c.sigma_clip_steps,
-                               sigma_clip_pixel=c.sigma_clip_pixel, mean_type=mean_type,
-                               clip_x0=config.sample.clip_x0, first_example=first)
+
+def sampler_structure(record: variances.Variance, steps: np.ndarray) -> tuple:
+    """What a compiled sampler depends on besides the σ² values: the kept steps, σ² from the network or not (and
+    which network function), ancestral or DDIM. fixed_large, fixed_small and analytic share one program per
+    chain, as do the DDIM η rows: the ablation compiles once per (structure, chain), not once per σ choice."""
+    return tuple(int(s) for s in steps), record.from_network, record.network, record.ddim_eta is not None
+
+
+def compile_sampler(model_fn: Partial, schedule, resolved: variances.Resolved, steps: np.ndarray,
+                    shape: tuple[int, ...], *, config: ml_collections.ConfigDict, mean_type: str):
+    """(compiled f(model_fn, rng, first_example, σ², log σ²) -> samples [b, ...], seconds to compile): the chain of
+    `sampling.sample` ahead of time, for this process's rows of a batch, with the σ choice's resolved σ², log σ²
+    [K] as arguments (not constants), so that every choice of one `sampler_structure` runs this program."""
+    sub = schedules.sub_chain(schedule, schedules.kept_steps(schedule.num_timesteps, steps=steps))
+
+    def run(model_fn, rng, first, sigma2, log_sigma2):
+        fn = model_fn if resolved.record.from_network else statistics.mean_output_fn(model_fn)
+        traced = dataclasses.replace(resolved, variance=sigma2, log_variance=log_sigma2)
+        return sampling.run_chain(fn, sub, rng, shape, traced, mean_type=mean_type, clip_x0=config.sample.clip_x0,
+                                  first_example=first)
 
     start = time.perf_counter()
     # first_example traced: sampling.run_chain converts it with jnp.asarray, which keeps a tracer.
-    compiled = jax.jit(run).lower(model_fn, jax.random.PRNGKey(0), np.int32(0)).compile()
+    compiled = jax.jit(run).lower(model_fn, jax.random.PRNGKey(0), np.int32(0), resolved.variance,
+                                  resolved.log_variance).compile()
     return compiled, time.perf_counter() - start
 
 
