@@ -29,13 +29,14 @@ from jax._src import xla_bridge
 #     dot,eltwise,reduce 2.56, dot,reduce 2.09-2.38, reduce 2.31, dot 2.98, none 2.89;
 #   digits batch 128: previous 0.196-0.219, dot,eltwise,reduce 0.190, dot,reduce 0.174-0.180,
 #     reduce 0.170, dot 0.178, none 0.181.
-# dot,reduce is 0.85-0.89x the previous step time at both sizes (CPU seconds about equal: the
+# dot,reduce is 0.82-0.90x the previous step time at both sizes (CPU seconds about equal: the
 # Eigen convolutions keep both cores busier). YNNPACK's convolutions lose at the CIFAR-10 shapes
 # once forward, input and kernel gradient run together (the 19 distinct 3x3 convolutions of that
 # UNet, each forward + both gradients: 1.83 s with YNNPACK, 1.50 s without, 1.48 s for PyTorch's
 # oneDNN); YNNPACK's eltwise fusions materialise the scalar broadcasts of the Adam/EMA update
 # (that update alone: 0.17 s with them, 0.11 s without). XNNPACK convolutions
-# (--xla_cpu_experimental_xnn_fusion_type=individual_convolution) were within noise of Eigen's.
+# (--xla_cpu_experimental_xnn_fusion_type=individual_convolution) were within noise of Eigen's;
+# --xla_cpu_prefer_vector_width=512 gave no gain (CIFAR-10 2.28 vs 2.19 s).
 # Tried without gain: --xla_cpu_use_onednn / --xla_cpu_experimental_onednn_custom_call (no oneDNN
 # call appears in the compiled step), --xla_cpu_enable_concurrency_optimized_scheduler (within 2%),
 # kernel layouts OIHW/OHWI/HWOI and explicit padding (noise), kernel gradients as im2col or
