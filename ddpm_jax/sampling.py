@@ -189,19 +189,11 @@ def _is_name(value, allowed) -> bool:
     return isinstance(value, str) and value in allowed
 
 
-def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
-                chunk_size, devices, sigma_clip_steps, stats, first_example=0) -> None:
-    """One ValueError naming the field and what is allowed, before anything is traced."""
+def _chain_checks(schedule, num_steps, spacing, steps, variance, eta, stats, sigma_clip_steps) -> list[tuple[bool, str]]:
+    """(ok, message) of each argument that picks the chain and its σ choice, schedule first."""
     T = schedule.num_timesteps if isinstance(schedule, Schedule) else None
-    checks = [
-        (callable(model_fn), "model_fn must be a callable model_fn(x_t, t)"),
+    return [
         (T is not None, f"schedule must be a ddpm_jax.schedules.Schedule, got {type(schedule).__name__}"),
-        (isinstance(rng, jax.Array) and (jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ()
-                                         or rng.dtype == jnp.uint32 and rng.shape == (2,)),
-         f"rng must be one PRNG key (jax.random.key(s) or jax.random.PRNGKey(s)), got {rng!r}"),
-        (isinstance(shape, (tuple, list)) and len(shape) >= 2 and all(_is_int(d) and d >= 1 for d in shape),
-         f"shape must be a tuple [B, ...] of at least 2 positive ints, got {shape!r}"),
-        (_is_name(mean_type, diffusion.MEAN_TYPES), f"mean_type must be one of {diffusion.MEAN_TYPES}, got {mean_type!r}"),
         (_is_name(spacing, SPACINGS), f"spacing must be one of {SPACINGS}, got {spacing!r}"),
         (num_steps is None or steps is None, "give num_steps or steps, not both"),
         (num_steps is None or _is_int(num_steps) and T is not None and 1 <= num_steps <= T,
@@ -215,6 +207,30 @@ def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, varia
          f"stats must be None or a mapping {{statistic name: array [T]}} (e.g. {{'gamma': Γ}}), got {type(stats).__name__}"),
         (_is_int(sigma_clip_steps) and sigma_clip_steps >= 0,
          f"sigma_clip_steps must be an int >= 0 (0: no clipping), got {sigma_clip_steps!r}"),
+    ]
+
+
+def _raise_first(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
+                chunk_size, devices, sigma_clip_steps, stats, first_example=0) -> None:
+    """One ValueError naming the field and what is allowed, before anything is traced."""
+    schedule_check, *chain_checks = _chain_checks(schedule, num_steps, spacing, steps, variance, eta, stats,
+                                                  sigma_clip_steps)
+    checks = [
+        (callable(model_fn), "model_fn must be a callable model_fn(x_t, t)"),
+        schedule_check,
+        (isinstance(rng, jax.Array) and (jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ()
+                                         or rng.dtype == jnp.uint32 and rng.shape == (2,)),
+         f"rng must be one PRNG key (jax.random.key(s) or jax.random.PRNGKey(s)), got {rng!r}"),
+        (isinstance(shape, (tuple, list)) and len(shape) >= 2 and all(_is_int(d) and d >= 1 for d in shape),
+         f"shape must be a tuple [B, ...] of at least 2 positive ints, got {shape!r}"),
+        (_is_name(mean_type, diffusion.MEAN_TYPES), f"mean_type must be one of {diffusion.MEAN_TYPES}, got {mean_type!r}"),
+        *chain_checks,
         (_is_int(first_example) and 0 <= first_example < 2**30
          or isinstance(first_example, jax.Array) and first_example.shape == () and first_example.dtype == jnp.int32,
          f"first_example must be an int >= 0 or an int32 scalar (the global index of row 0), got {first_example!r}"),
@@ -224,9 +240,7 @@ def _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, varia
          and len(set(devices)) == len(devices) and all(d in jax.local_devices() for d in devices),
          f"devices must be None (all local devices) or a non-empty list of distinct local devices, got {devices!r}"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    _raise_first(checks)
     n_devices = len(jax.local_devices() if devices is None else devices)
     if shape[0] % n_devices:
         raise ValueError(f"shape[0] (the batch, {shape[0]}) must be divisible by the device count {n_devices}")
@@ -269,14 +283,35 @@ def sample(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: A
     """
     _check_args(model_fn, schedule, rng, shape, num_steps, spacing, steps, variance, mean_type, eta,
                 chunk_size, devices, sigma_clip_steps, stats, first_example)
-    record = variances.ddim(eta) if eta is not None else variances.get("fixed_small" if variance is None else variance)
-    kept = kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
-    sub = sub_chain(schedule, kept)
-    resolved = variances.resolve(record, variances.chain(schedule, kept), stats, decoder=decoder,
-                                 clip_steps=sigma_clip_steps, clip_pixel=sigma_clip_pixel)
+    sub, resolved = _resolve_chain(schedule, num_steps, spacing, steps, variance, stats, decoder, sigma_clip_steps,
+                                   sigma_clip_pixel, eta)
     return run_chain(model_fn, sub, rng, shape, resolved, mean_type=mean_type, clip_x0=clip_x0,
                      return_trajectory=return_trajectory, progress=progress, chunk_size=chunk_size, devices=devices,
                      first_example=first_example)
+
+
+def prepare_chain(schedule: Schedule, *, num_steps: int | None = None, spacing: str = "even",
+                  steps: Sequence[int] | None = None, variance: str | variances.Variance | None = None,
+                  stats: dict[str, np.ndarray] | None = None, decoder: str | None = None, sigma_clip_steps: int = 0,
+                  sigma_clip_pixel: float = 2.0, eta: float | None = None) -> tuple[Schedule, variances.Resolved]:
+    """The host half of `sample` (same arguments): (the K-step sub-chain, the σ choice resolved on it).
+
+    With `sub, resolved = prepare_chain(...)`, `run_chain(model_fn, sub, rng, shape, resolved, ...)` is
+    `sample`; a caller that compiles the chain with resolved σ², log σ² as arguments runs every σ choice
+    of one structure in one program.
+    """
+    _raise_first(_chain_checks(schedule, num_steps, spacing, steps, variance, eta, stats, sigma_clip_steps))
+    return _resolve_chain(schedule, num_steps, spacing, steps, variance, stats, decoder, sigma_clip_steps,
+                          sigma_clip_pixel, eta)
+
+
+def _resolve_chain(schedule, num_steps, spacing, steps, variance, stats, decoder, sigma_clip_steps, sigma_clip_pixel,
+                   eta) -> tuple[Schedule, variances.Resolved]:
+    record = variances.ddim(eta) if eta is not None else variances.get("fixed_small" if variance is None else variance)
+    kept = kept_steps(schedule.num_timesteps, num_steps, spacing, steps)
+    resolved = variances.resolve(record, variances.chain(schedule, kept), stats, decoder=decoder,
+                                 clip_steps=sigma_clip_steps, clip_pixel=sigma_clip_pixel)
+    return sub_chain(schedule, kept), resolved
 
 
 def run_chain(model_fn: Callable[[Array, Array], Array], schedule: Schedule, rng: Array, shape: Sequence[int],

@@ -191,9 +191,9 @@ def test_sigma_choices_of_one_structure_share_a_compiled_sampler_and_match_sampl
     assert runner.sampler_structure(large, kept) == runner.sampler_structure(small, kept)
     assert runner.sampler_structure(large, kept) != runner.sampler_structure(ddim, kept)
     assert runner.sampler_structure(large, kept) != runner.sampler_structure(large, kept[::2])
-    resolved = {r.name: runner.resolve_sigma(schedule, r, kept, config=config, stats={}) for r in (large, small)}
-    compiled, _ = runner.compile_sampler(model_fn, schedule, resolved["fixed_large"], kept, shape, config=config,
-                                         mean_type="eps")
+    prepared = {r.name: runner.prepare_chain(schedule, r, kept, config=config, stats={}) for r in (large, small)}
+    resolved = {name: r for name, (_, r) in prepared.items()}
+    compiled, _ = runner.compile_sampler(model_fn, *prepared["fixed_large"], shape, config=config, mean_type="eps")
     rng = jax.random.PRNGKey(3)
     outputs = {}
     for name, r in resolved.items():  # one program, each choice's σ² as arguments

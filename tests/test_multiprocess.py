@@ -66,7 +66,7 @@ def _run_all(commands: list[tuple[list[str], dict]], logs: list[Path], deadline:
 
 
 # The ordered all-reduce across processes is slow-marked (~40 s on 2 cores) to keep the default suite
-# near 6 minutes; test_train.py checks both all-reduces on 8 devices in one process by default.
+# short (7 min on 2 cores); test_train.py checks both all-reduces on 8 devices in one process by default.
 @pytest.mark.parametrize("ordered", [pytest.param(True, marks=pytest.mark.slow), False],
                          ids=["ordered_allreduce", "pmean"])
 def test_two_processes_match_one_process_with_the_same_devices(tmp_path, ordered):

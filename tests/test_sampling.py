@@ -346,3 +346,29 @@ def test_wrong_model_output_shape_is_reported():
         sampling.sample(lambda x, t: x[..., :1], SCHEDULE, jax.random.key(0), (4, 3), num_steps=5)
     with pytest.raises(ValueError, match="2C channels"):
         sampling.sample(lambda x, t: x, SCHEDULE, jax.random.key(0), (4, 3), num_steps=5, variance="learned")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_steps=0), r"num_steps must be an int in \[1, 100\]"),
+    (dict(spacing="log"), "spacing must be one of"),
+    (dict(num_steps=10, steps=[0, 50]), "give num_steps or steps, not both"),
+    (dict(eta=1.5), r"eta must be None .* or a float in \[0, 1\]"),
+    (dict(eta=0.5, variance="fixed_large"), "eta \\(DDIM\\) sets σ_t\\(η\\) itself"),
+    (dict(stats=[1.0]), "stats must be None or a mapping"),
+    (dict(sigma_clip_steps=-1), "sigma_clip_steps must be an int >= 0"),
+])
+def test_prepare_chain_names_the_bad_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sampling.prepare_chain(schedules.get_schedule("linear", 100), **kwargs)
+    with pytest.raises(ValueError, match="schedule must be a ddpm_jax.schedules.Schedule"):
+        sampling.prepare_chain(np.linspace(1e-4, 0.02, 100))
+
+
+def test_prepare_chain_is_the_sub_chain_and_the_resolved_sigma_of_sample():
+    schedule = schedules.get_schedule("linear", 100)
+    sub, resolved = sampling.prepare_chain(schedule, num_steps=10, variance="fixed_large")
+    kept = schedules.kept_steps(100, 10, "even")
+    np.testing.assert_array_equal(sub.timesteps, schedules.sub_chain(schedule, kept).timesteps)
+    want = variances.resolve(variances.get("fixed_large"), variances.chain(schedule, kept), None)
+    np.testing.assert_array_equal(resolved.variance, want.variance)
+    assert resolved.name == "fixed_large" and resolved.variance.shape == (10,)

@@ -109,11 +109,11 @@ def _run_sample_cell(job: Job, plan: Plan, cell: Cell, bar) -> dict:
     record, kept = _record(plan, cell.setting), plan.kept[(cell.setting, cell.spacing, cell.K)]
     batch, shape = runner.sample_shape(config, job.test_images.shape[1:])
     bar.reset(total=math.ceil(config.sample.num_samples / batch))
-    resolved = runner.resolve_sigma(job.schedule, record, kept, config=config, stats=job.stats)
+    sub, resolved = runner.prepare_chain(job.schedule, record, kept, config=config, stats=job.stats)
     structure = runner.sampler_structure(record, kept)
     if structure not in job.compiled:
-        job.compiled[structure] = runner.compile_sampler(job.model_fn, job.schedule, resolved, kept, shape,
-                                                         config=config, mean_type=job.mean_type)
+        job.compiled[structure] = runner.compile_sampler(job.model_fn, sub, resolved, shape, config=config,
+                                                         mean_type=job.mean_type)
     compiled, compile_s = job.compiled[structure]
     fn = lambda model_fn, rng, first: compiled(model_fn, rng, first, resolved.variance, resolved.log_variance)
     samples, sample_s = runner.draw_samples(fn, job.model_fn, jax.random.fold_in(jax.random.PRNGKey(cell.seed), 0),

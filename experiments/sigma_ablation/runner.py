@@ -125,28 +125,28 @@ def sample_shape(config, example_shape: tuple[int, ...]) -> tuple[int, tuple[int
     return batch, (hosts.rows_per_process(batch, jax.local_device_count()),) + tuple(example_shape)
 
 
-def resolve_sigma(schedule, record: variances.Variance, steps: np.ndarray, *, config: ml_collections.ConfigDict,
-                  stats: dict[str, np.ndarray]) -> variances.Resolved:
-    """The σ choice's σ², log σ² on the K-step chain `steps`, as `sampling.sample` resolves them (on the host)."""
+def prepare_chain(schedule, record: variances.Variance, steps: np.ndarray, *, config: ml_collections.ConfigDict,
+                  stats: dict[str, np.ndarray]):
+    """(the K-step sub-chain `steps`, the σ choice resolved on it): `sampling.prepare_chain` with the config's
+    decoder and σ-clipping conventions, as `sampling.sample` would resolve them."""
     c = config.conventions
-    kept = schedules.kept_steps(schedule.num_timesteps, steps=steps)
-    return variances.resolve(record, variances.chain(schedule, kept), stats, decoder=decoder_of(config),
-                             clip_steps=c.sigma_clip_steps, clip_pixel=c.sigma_clip_pixel)
+    return sampling.prepare_chain(schedule, steps=steps, variance=record, stats=stats, decoder=decoder_of(config),
+                                  sigma_clip_steps=c.sigma_clip_steps, sigma_clip_pixel=c.sigma_clip_pixel)
 
 
 def sampler_structure(record: variances.Variance, steps: np.ndarray) -> tuple:
     """What a compiled sampler depends on besides the σ² values: the kept steps, σ² from the network or not (and
     which network function), ancestral or DDIM. fixed_large, fixed_small and analytic share one program per
     chain, as do the DDIM η rows: the ablation compiles once per (structure, chain), not once per σ choice."""
-    return tuple(int(s) for s in steps), record.from_network, record.network, record.ddim_eta is not None
+    return tuple(int(s) for s in steps), record.network, record.ddim_eta is not None
 
 
-def compile_sampler(model_fn: Partial, schedule, resolved: variances.Resolved, steps: np.ndarray,
-                    shape: tuple[int, ...], *, config: ml_collections.ConfigDict, mean_type: str):
+def compile_sampler(model_fn: Partial, sub: schedules.Schedule, resolved: variances.Resolved, shape: tuple[int, ...],
+                    *, config: ml_collections.ConfigDict, mean_type: str):
     """(compiled f(model_fn, rng, first_example, σ², log σ²) -> samples [b, ...], seconds to compile): the chain of
     `sampling.sample` ahead of time, for this process's rows of a batch, with the σ choice's resolved σ², log σ²
-    [K] as arguments (not constants), so that every choice of one `sampler_structure` runs this program."""
-    sub = schedules.sub_chain(schedule, schedules.kept_steps(schedule.num_timesteps, steps=steps))
+    [K] as arguments (not constants), so that every choice of one `sampler_structure` runs this program.
+    `sub`, `resolved`: from `prepare_chain`."""
 
     def run(model_fn, rng, first, sigma2, log_sigma2):
         fn = model_fn if resolved.record.from_network else statistics.mean_output_fn(model_fn)
