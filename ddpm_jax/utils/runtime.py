@@ -1,21 +1,16 @@
-"""Process-wide JAX settings, in one place: XLA's CPU flags, glibc malloc for XLA:CPU, the compilation cache.
+"""Process-wide JAX settings, in one place: XLA's CPU flags and the persistent compilation cache.
 
-Each acts only when set before JAX does the corresponding work: the flags before the
+Both act only when set before JAX does the corresponding work: the flags before the
 backend starts (XLA reads XLA_FLAGS once, when the first computation or device query
-creates the backend), malloc before XLA's threads first allocate (also at backend start),
-the cache before the first compilation. `ddpm_jax/__init__.py` calls
-`set_default_xla_flags()` and `tune_malloc_for_xla_cpu()` on import; entry points
-(ddpm_jax/main.py, the experiment scripts) call `enable_compilation_cache()` first thing.
+creates the backend), the cache before the first compilation. `ddpm_jax/__init__.py`
+calls `set_default_xla_flags()` on import; entry points (ddpm_jax/main.py, the
+experiment scripts) call `enable_compilation_cache()` first thing.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pathlib
-import pkgutil
-import platform
-from importlib import metadata, util
 
 import jax
 from absl import logging
@@ -52,16 +47,6 @@ from jax._src import xla_bridge
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
 
 CACHE_ENV = "DDPM_JAX_COMPILATION_CACHE"
-MALLOC_ENV = "DDPM_JAX_MALLOC"
-malloc_tuned = False  # whether tune_malloc_for_xla_cpu acted in this process
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-# What tune_malloc_for_xla_cpu sets: one arena, no mmap'd chunks, memory kept up to 2 GiB - 1 of free top.
-MALLOC_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-# Environment variables through which a user already chose glibc malloc's behaviour.
-_USER_MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
-                    "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def set_default_xla_flags() -> bool:
@@ -76,53 +61,6 @@ def set_default_xla_flags() -> bool:
         return False
     os.environ["XLA_FLAGS"] = " ".join(CPU_XLA_FLAGS)
     return True
-
-
-def _accelerator_plugin_installed() -> bool:
-    """Whether JAX would find a GPU/TPU plugin: libtpu, a jax_plugins module or entry point (as xla_bridge looks)."""
-    if util.find_spec("libtpu") is not None:
-        return True
-    plugins = xla_bridge.jax_plugins
-    if plugins is not None and any(True for _ in pkgutil.iter_modules(plugins.__path__)):
-        return True
-    return bool(metadata.entry_points(group="jax_plugins"))
-
-
-def tune_malloc_for_xla_cpu() -> bool:
-    """Let XLA:CPU reuse its buffers instead of faulting fresh pages in on every call (glibc only).
-
-    XLA:CPU allocates each execution's temporaries as one block with posix_memalign and frees it
-    at the end. glibc serves a block over 64 MiB requested from a worker thread's arena with a
-    fresh mmap, and unmaps it on free, so every step faults the whole block in again: 23,445
-    minor faults (96 MB) per digits train step at batch 128, about 164,000 (670 MB) per CIFAR-10
-    step at batch 8, with 55-65 ms and 0.44-0.67 s of system time. One arena, no mmap'd chunks and
-    a 2 GiB trim threshold (MALLOC_SETTINGS) make glibc keep the freed block on its heap and hand
-    it out again: measured 2026-12-03 on the project's 2-core AMD EPYC, alternating fresh
-    processes, the digits train loop took 156-176 ms per step against 180-202 ms (faults per step
-    0 against 23,445), with bit-identical weights. The price: the process keeps the memory it freed
-    (up to 2 GiB of it) instead of returning it to the system.
-
-    Acts only in a fresh process (JAX's backend not started) that computes on the CPU
-    (JAX_PLATFORMS lists only cpu, or it is unset and no GPU/TPU plugin is installed), when
-    DDPM_JAX_MALLOC is not "system" and the user set none of glibc's malloc variables. Returns
-    whether it acted.
-    """
-    choice = os.environ.get(MALLOC_ENV, "tuned").strip().lower() or "tuned"
-    if choice not in ("tuned", "system"):
-        raise ValueError(f"{MALLOC_ENV} must be 'tuned' (the default) or 'system' (glibc's own settings), "
-                         f"got {os.environ[MALLOC_ENV]!r}")
-    if choice == "system" or any(v in os.environ for v in _USER_MALLOC_ENV):
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or xla_bridge.backends_are_initialized():
-        return False
-    platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
-    if platforms and platforms != ["cpu"] or not platforms and _accelerator_plugin_installed():
-        return False
-    mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    global malloc_tuned
-    malloc_tuned = all([mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS])
-    return malloc_tuned
 
 
 def default_cache_dir() -> pathlib.Path:
