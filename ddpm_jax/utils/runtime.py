@@ -44,6 +44,16 @@ from jax._src import xla_bridge
 # computes a kernel gradient per example), a hand-fused Adam + EMA (no gain), the model batched
 # instead of vmapped (same CPU time). Dropout costs nothing measurable (CIFAR-10 step with
 # dropout 0: same time). Side by side with PyTorch: scripts/bench_train.py --peer, bench_parts.py.
+# Not done: glibc malloc settings. XLA:CPU allocates each execution's temporaries as one block
+# (posix_memalign from a worker thread); glibc maps a block over 64 MiB afresh and unmaps it on
+# free, so every step faults it in again: 23,445 minor faults (96 MB, 55-65 ms of system time) per
+# digits step at batch 128, ~164,000 (670 MB, 0.44-0.67 s) per CIFAR-10 step at batch 8. One arena,
+# no mmap'd chunks and a 2 GiB trim threshold (mallopt M_ARENA_MAX=1, M_MMAP_MAX=0,
+# M_TRIM_THRESHOLD) removed the faults and kept the weights bit-identical, but measured 2026-12-03
+# (digits loop, fresh processes alternated) it helped only a program loaded from the persistent
+# compilation cache (177-183 ms against 199-200 ms per step) and hurt one compiled in the same
+# process, i.e. every cold start (231-269 ms against 200-222 ms, with more user time in XLA's
+# threads; cause not found). glibc.malloc.hugetlb=1 cut the faults to 474 per step, not the time.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
 
 CACHE_ENV = "DDPM_JAX_COMPILATION_CACHE"
