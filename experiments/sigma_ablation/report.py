@@ -323,8 +323,8 @@ def _scale(row: dict, column: str) -> float:
 
     A spread over few seeds is ill-conditioned: over two seeds X_std = |x₁ − x₂|/√2, so a relative
     change δ in each x moves X_std by up to √2·δ·|X_mean|, which relative to X_std itself is
-    √2·δ·|X_mean|/X_std (×63 for fixed_large's digits IS at K = 10: 5.16 ± 0.116). Measured against |X_mean| it is reproduced
-    exactly when the values it is the spread of are.
+    √2·δ·|X_mean|/X_std (×63 for fixed_large's digits IS at K = 10: 5.16 ± 0.116). Measured
+    against |X_mean| it is reproduced exactly when the values it is the spread of are.
     """
     value = abs(float(row[column]))
     if column.endswith("_std") and row.get(column[:-4] + "_mean", "") != "":
