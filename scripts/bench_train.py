@@ -275,6 +275,8 @@ def main() -> None:
     parser.add_argument("--note", default="")
     parser.add_argument("--peer", action="store_true", help="time against PyTorch + diffusers, side by side")
     parser.add_argument("--rounds", type=int, default=6, help="--peer: alternations of the two sides")
+    parser.add_argument("--peer_malloc", choices=("default", "tuned"), default="default",
+                        help="--peer: the peer's glibc malloc, its default or ddpm_jax's settings (scripts/peers.py)")
     parser.add_argument("--startup", action="store_true", help="cold and warm start of digits training")
     args = parser.parse_args()
     reductions = args.allreduce.split(",")
@@ -285,6 +287,8 @@ def main() -> None:
         return
     backend = jax.default_backend()
     if args.peer:
+        import peers
+        peers.PEER_MALLOC[0] = "glibc default" if args.peer_malloc == "default" else "tuned"
         main_peer(args, backend)
         return
     on_cpu = backend == "cpu"

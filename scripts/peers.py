@@ -54,7 +54,13 @@ def environment() -> dict:
             "python": platform.python_version(), "versions": versions,
             "torch_threads": torch.get_num_threads() if torch is not None else None,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "peer_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
+            "peer_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+            "ddpm_jax_malloc": _ddpm_jax_malloc(), "peer_malloc": PEER_MALLOC[0]}
+
+
+def _ddpm_jax_malloc() -> str:
+    from ddpm_jax.utils import runtime
+    return "tuned (ddpm_jax.utils.runtime.MALLOC_SETTINGS)" if runtime.malloc_tuned else "glibc default"
 
 
 def ratio_summary(ours: list[list[float]], peer: list[list[float]]) -> dict:
@@ -212,6 +218,12 @@ def _serve_timings(conn, fn) -> None:
         conn.send(seconds)
 
 
+# The peer's glibc malloc: "glibc default" (as PyTorch runs out of the box; the default) or "tuned" (the
+# settings ddpm_jax makes for XLA:CPU, ddpm_jax.utils.runtime.tune_malloc_for_xla_cpu). The spawned child
+# imports the benchmark script, hence ddpm_jax, which would tune it unless told not to.
+PEER_MALLOC = ["glibc default"]
+
+
 class PeerProcess:
     """`serve` in a spawned child process; `time(n)` returns its n timings."""
 
@@ -224,7 +236,15 @@ class PeerProcess:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(target=serve, args=(child, kind, spec), daemon=True)
-        self.process.start()
+        saved = os.environ.get("DDPM_JAX_MALLOC")
+        os.environ["DDPM_JAX_MALLOC"] = "system" if PEER_MALLOC[0] == "glibc default" else "tuned"
+        try:
+            self.process.start()
+        finally:
+            if saved is None:
+                del os.environ["DDPM_JAX_MALLOC"]
+            else:
+                os.environ["DDPM_JAX_MALLOC"] = saved
         if self.conn.recv() != "ready":
             raise RuntimeError("the peer process did not start")
 

@@ -1,16 +1,21 @@
-"""Process-wide JAX settings, in one place: XLA's CPU flags and the persistent compilation cache.
+"""Process-wide JAX settings, in one place: XLA's CPU flags, glibc malloc for XLA:CPU, the compilation cache.
 
-Both act only when set before JAX does the corresponding work: the flags before the
+Each acts only when set before JAX does the corresponding work: the flags before the
 backend starts (XLA reads XLA_FLAGS once, when the first computation or device query
-creates the backend), the cache before the first compilation. `ddpm_jax/__init__.py`
-calls `set_default_xla_flags()` on import; entry points (ddpm_jax/main.py, the
-experiment scripts) call `enable_compilation_cache()` first thing.
+creates the backend), malloc before XLA's threads first allocate (also at backend start),
+the cache before the first compilation. `ddpm_jax/__init__.py` calls
+`set_default_xla_flags()` and `tune_malloc_for_xla_cpu()` on import; entry points
+(ddpm_jax/main.py, the experiment scripts) call `enable_compilation_cache()` first thing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pathlib
+import pkgutil
+import platform
+from importlib import metadata, util
 
 import jax
 from absl import logging
@@ -44,19 +49,21 @@ from jax._src import xla_bridge
 # computes a kernel gradient per example), a hand-fused Adam + EMA (no gain), the model batched
 # instead of vmapped (same CPU time). Dropout costs nothing measurable (CIFAR-10 step with
 # dropout 0: same time). Side by side with PyTorch: scripts/bench_train.py --peer, bench_parts.py.
-# Not done: glibc malloc settings. XLA:CPU allocates each execution's temporaries as one block
-# (posix_memalign from a worker thread); glibc maps a block over 64 MiB afresh and unmaps it on
-# free, so every step faults it in again: 23,445 minor faults (96 MB, 55-65 ms of system time) per
-# digits step at batch 128, ~164,000 (670 MB, 0.44-0.67 s) per CIFAR-10 step at batch 8. One arena,
-# no mmap'd chunks and a 2 GiB trim threshold (mallopt M_ARENA_MAX=1, M_MMAP_MAX=0,
-# M_TRIM_THRESHOLD) removed the faults and kept the weights bit-identical, but measured 2026-12-03
-# (digits loop, fresh processes alternated) it helped only a program loaded from the persistent
-# compilation cache (177-183 ms against 199-200 ms per step) and hurt one compiled in the same
-# process, i.e. every cold start (231-269 ms against 200-222 ms, with more user time in XLA's
-# threads; cause not found). glibc.malloc.hugetlb=1 cut the faults to 474 per step, not the time.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
 
 CACHE_ENV = "DDPM_JAX_COMPILATION_CACHE"
+MALLOC_ENV = "DDPM_JAX_MALLOC"
+malloc_tuned = False  # whether tune_malloc_for_xla_cpu acted in this process
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# What tune_malloc_for_xla_cpu sets: no mmap'd chunks, up to 2 GiB - 1 of free heap top kept.
+MALLOC_SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+# The JAX option tune_malloc_for_xla_cpu turns off (its environment variable: the user's choice wins).
+_ASYNC_DISPATCH = "jax_cpu_enable_async_dispatch"
+# Environment variables through which a user already chose glibc malloc's behaviour.
+_USER_MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                    "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def set_default_xla_flags() -> bool:
@@ -71,6 +78,68 @@ def set_default_xla_flags() -> bool:
         return False
     os.environ["XLA_FLAGS"] = " ".join(CPU_XLA_FLAGS)
     return True
+
+
+def _accelerator_plugin_installed() -> bool:
+    """Whether JAX would find a GPU/TPU plugin: libtpu, a jax_plugins module or entry point (as xla_bridge looks)."""
+    if util.find_spec("libtpu") is not None:
+        return True
+    plugins = xla_bridge.jax_plugins
+    if plugins is not None and any(True for _ in pkgutil.iter_modules(plugins.__path__)):
+        return True
+    return bool(metadata.entry_points(group="jax_plugins"))
+
+
+def tune_malloc_for_xla_cpu() -> bool:
+    """Let XLA:CPU reuse its temporaries instead of faulting fresh pages in on every call (glibc only).
+
+    XLA:CPU allocates each execution's temporaries as one block with posix_memalign and frees it
+    at the end. With JAX's default asynchronous CPU dispatch the block is requested from a worker
+    thread, whose glibc arena cannot hold more than 64 MiB: glibc maps a larger block afresh
+    (whatever M_MMAP_MAX says) and unmaps it on free, so every step faults the whole block in
+    again: 23,445 minor faults (96 MB) per digits train step at batch 128, about 164,000 (670 MB)
+    per CIFAR-10 step at batch 8, with 55-72 ms and 0.44-0.67 s of system time. So this function
+      - runs single-device computations inline on the calling thread (jax_cpu_enable_async_dispatch
+        False; JAX still dispatches multi-device computations asynchronously), whose main arena
+        grows with brk and can hold any block, and
+      - tells glibc not to mmap chunks and to keep up to 2 GiB of free heap top (MALLOC_SETTINGS),
+    so the freed block stays on the heap and the next call gets it back, already faulted in.
+    Measured 2026-12-03 on the project's 2-core AMD EPYC, fresh processes alternated (bare train
+    step on a fixed batch, ms per step, three runs of 60 each):
+      digits batch 128, program compiled in the process: 158-179 against 196-230 (faults 0 against
+        23,445); loaded from the compilation cache: 154-164 against 176-193;
+      CIFAR-10 batch 8 (runs of 8): 2.37-2.52 s against 2.64-2.83 s (faults 194 against 164,230).
+    Either half alone leaves the faults (inline dispatch alone: the block is still mmap'd, being
+    over glibc's 32 MiB ceiling for a dynamic mmap threshold; no mmap alone: the worker thread's
+    arena still maps it). An earlier variant with one arena for all threads (M_ARENA_MAX=1) instead
+    of inline dispatch also removed the faults but slowed a program compiled in the same process
+    (231-269 ms against 200-222 ms), i.e. every cold start; this one does not. The price: the
+    process keeps up to 2 GiB of memory it freed instead of returning it to the system, and the
+    Python thread waits for each single-device computation instead of running ahead of it.
+
+    Acts only in a fresh process (JAX's backend not started) that computes on the CPU
+    (JAX_PLATFORMS lists only cpu, or it is unset and no GPU/TPU plugin is installed), when
+    DDPM_JAX_MALLOC is not "system" and the user set none of glibc's malloc variables; it leaves
+    dispatch alone when the user set JAX_CPU_ENABLE_ASYNC_DISPATCH. Returns whether it acted.
+    """
+    choice = os.environ.get(MALLOC_ENV, "tuned").strip().lower() or "tuned"
+    if choice not in ("tuned", "system"):
+        raise ValueError(f"{MALLOC_ENV} must be 'tuned' (the default) or 'system' (glibc's own settings), "
+                         f"got {os.environ[MALLOC_ENV]!r}")
+    if choice == "system" or any(v in os.environ for v in _USER_MALLOC_ENV):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or xla_bridge.backends_are_initialized():
+        return False
+    platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms and platforms != ["cpu"] or not platforms and _accelerator_plugin_installed():
+        return False
+    mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    global malloc_tuned
+    malloc_tuned = all([mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS])
+    if malloc_tuned and _ASYNC_DISPATCH.upper() not in os.environ:
+        jax.config.update(_ASYNC_DISPATCH, False)
+    return malloc_tuned
 
 
 def default_cache_dir() -> pathlib.Path:
