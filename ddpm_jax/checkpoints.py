@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import zlib
 from typing import Any, NamedTuple
 
@@ -202,6 +203,47 @@ class AllCheckpointsDamaged(RuntimeError):
     """Every checkpoint of a workdir failed to restore; they are left in place."""
 
 
+def _is_left_over_from_a_failed_restore(unraisable) -> bool:
+    """Whether an unraisable exception is one of the two kinds a failed orbax restore leaves behind (see below)."""
+    value, tb, obj = unraisable.exc_value, unraisable.exc_traceback, unraisable.object
+    if type(value) is RuntimeError and str(value) == "Event loop is closed":
+        while tb is not None and tb.tb_frame.f_code.co_name != "call_soon_threadsafe":
+            tb = tb.tb_next
+        return tb is not None
+    code = getattr(obj, "cr_code", None)  # a coroutine finalized with its exception never retrieved
+    return code is not None and f"orbax{os.sep}checkpoint" in code.co_filename
+
+
+def _quiet_failed_restore_leftovers() -> None:
+    """Drop the tracebacks a failed restore leaves behind; every other error prints as before. Installed (once per
+    process) before a restore, since they may come before the restore's exception reaches its caller.
+
+    When one array of a damaged checkpoint fails to read, orbax's restore raises and closes its
+    asyncio event loop while TensorStore still completes the other reads. Two kinds of leftovers
+    then reach sys.unraisablehook, each with a full traceback (tens of them, pages of TensorStore
+    specs, for the tiny model's two damaged checkpoints): completions calling
+    loop.call_soon_threadsafe on the closed loop ("RuntimeError: Event loop is closed"), and
+    orbax's read coroutines finalized with their read error never retrieved. The caller already
+    reported the damage once, with its step and the first error; this hook logs one line the
+    first time it drops something and passes every other unraisable exception to the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_ddpm_jax_quiet", False):
+        return
+    dropped = []
+
+    def hook(unraisable):
+        if not _is_left_over_from_a_failed_restore(unraisable):
+            previous(unraisable)
+        elif not dropped:
+            dropped.append(True)
+            logging.info("Not printing the read errors and closed-event-loop callbacks left over from a failed "
+                         "checkpoint restore (each damaged step is reported in a warning).")
+
+    hook._ddpm_jax_quiet = True
+    sys.unraisablehook = hook
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, abstract_ema: Any, *,
                    move_damaged: bool = True, fresh_start_if_damaged: bool = False) -> Restored | None:
     """The newest checkpoint that restores completely, or None when there is none.
@@ -217,6 +259,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, abstract
     damage: it raises ValueError naming the first differing array, and nothing is moved.
     """
     damaged = []
+    _quiet_failed_restore_leftovers()
     for step in sorted(manager.all_steps(), reverse=True):
         mismatch = _first_mismatch(manager, step, {"state": abstract_state, "ema_params": abstract_ema})
         if mismatch is not None:
@@ -278,6 +321,7 @@ def load_item(workdir: str, item: str, step: int | None = None) -> tuple[Any, di
     """
     manager = make_manager(workdir, read_only=True)
     steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    _quiet_failed_restore_leftovers()
     try:
         for candidate in steps:
             try:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -147,6 +148,38 @@ def test_every_checkpoint_damaged_is_an_error_unless_a_fresh_start_is_asked_for(
     assert saved_steps(copy) == [2, 4]  # retrained from step 0
     assert logged_steps(copy) == [1, 2, 3, 4]  # the old rows of the recomputed steps are gone
 
+
+
+def test_only_the_leftovers_of_a_failed_restore_are_kept_from_sys_unraisablehook(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpoints._quiet_failed_restore_leftovers()
+    checkpoints._quiet_failed_restore_leftovers()  # installed once: the previous hook is not wrapped twice
+    hook = sys.unraisablehook
+
+    def raised_in(fn):
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001
+            return err
+
+    def call_soon_threadsafe():  # the frame name of asyncio's method on a closed loop
+        raise RuntimeError("Event loop is closed")
+
+    closed = raised_in(call_soon_threadsafe)
+    orbax_coroutine = types.SimpleNamespace(cr_code=types.SimpleNamespace(
+        co_filename=os.path.join("site-packages", "orbax", "checkpoint", "_src", "serialization.py")))
+    args = lambda value, obj=None, tb=None: types.SimpleNamespace(
+        exc_type=type(value), exc_value=value, exc_traceback=tb or value.__traceback__, err_msg=None, object=obj)
+    hook(args(closed))
+    hook(args(ValueError("read error"), obj=orbax_coroutine))
+    assert seen == []
+    other = [args(RuntimeError("Event loop is closed"), tb=raised_in(lambda: 1 / 0).__traceback__),
+             args(RuntimeError("something else"), tb=closed.__traceback__),
+             args(ValueError("mine"), obj=types.SimpleNamespace(cr_code=types.SimpleNamespace(co_filename="mine.py")))]
+    for a in other:
+        hook(a)
+    assert seen == other
 
 # --------------------------------------------------------------------------
 # Item 6: override errors and schedule keywords.
