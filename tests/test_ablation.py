@@ -133,7 +133,7 @@ def test_sigma_choices_keep_only_the_trained_learned_variance_and_explain_ddim()
     ("variances", ("fixed_large", "big"), "variance must be one of"),
     ("variances", ("fixed_large", "fixed_large"), "variances must be distinct"),
     ("spacings", ("even", "linear"), "spacings must be a non-empty tuple"),
-    ("reference", "fixed_medium", "reference must be .. \(none\) or one of"),
+    ("reference", "fixed_medium", r"reference must be .. \(none\) or one of"),
     ("num_steps", (10, 2000), "num_steps must be"),
     ("ddim_etas", (1.5,), "ddim_etas must be"),
 ])
