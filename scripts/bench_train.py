@@ -288,7 +288,7 @@ def main() -> None:
     backend = jax.default_backend()
     if args.peer:
         import peers
-        peers.PEER_MALLOC[0] = "glibc default" if args.peer_malloc == "default" else "tuned"
+        peers.PEER_MALLOC = "system" if args.peer_malloc == "default" else "tuned"
         main_peer(args, backend)
         return
     on_cpu = backend == "cpu"

@@ -55,7 +55,7 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads() if torch is not None else None,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "peer_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
-            "ddpm_jax_malloc": _ddpm_jax_malloc(), "peer_malloc": PEER_MALLOC[0]}
+            "ddpm_jax_malloc": _ddpm_jax_malloc(), "peer_malloc": "glibc default" if PEER_MALLOC == "system" else "tuned"}
 
 
 def _ddpm_jax_malloc() -> str:
@@ -218,10 +218,10 @@ def _serve_timings(conn, fn) -> None:
         conn.send(seconds)
 
 
-# The peer's glibc malloc: "glibc default" (as PyTorch runs out of the box; the default) or "tuned" (the
-# settings ddpm_jax makes for XLA:CPU, ddpm_jax.utils.runtime.tune_malloc_for_xla_cpu). The spawned child
-# imports the benchmark script, hence ddpm_jax, which would tune it unless told not to.
-PEER_MALLOC = ["glibc default"]
+# The peer's DDPM_JAX_MALLOC: "system" (glibc's default, as PyTorch runs out of the box; the default) or
+# "tuned" (the settings ddpm_jax makes for XLA:CPU, ddpm_jax.utils.runtime.tune_malloc_for_xla_cpu). The spawned
+# child imports the benchmark script, hence ddpm_jax, which would tune it unless told not to.
+PEER_MALLOC = "system"
 
 
 class PeerProcess:
@@ -237,7 +237,7 @@ class PeerProcess:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=serve, args=(child, kind, spec), daemon=True)
         saved = os.environ.get("DDPM_JAX_MALLOC")
-        os.environ["DDPM_JAX_MALLOC"] = "system" if PEER_MALLOC[0] == "glibc default" else "tuned"
+        os.environ["DDPM_JAX_MALLOC"] = PEER_MALLOC
         try:
             self.process.start()
         finally:
